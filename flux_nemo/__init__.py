@@ -1,0 +1,1 @@
+"""flux-nemo: MLPerf Training flux1 (Flux.1-schnell) on NeMo / Megatron-Core."""

@@ -1,0 +1,22 @@
+"""Shared test setup: GPU tests skip without CUDA; Megatron runs as a single gloo process on CPU."""
+
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def megatron_world():
+    """A single-process Megatron world (gloo on CPU), shared by the whole session."""
+    from flux_nemo.shims import ensure_megatron_initialized
+
+    ensure_megatron_initialized()
+    yield
