@@ -45,6 +45,11 @@ SYSTEM_FIELDS = (
     "operating_system", "sw_notes",
 )  # fmt: skip
 PLACEHOLDER = "TO BE FILLED (flux_nemo.mlperf.package placeholder)"
+# Hyper-parameter keys an RCP record lists (rcp_checker/training_6.1.0/rcps_flux1.json).
+HPARAM_KEYS = (
+    "opt_adamw_beta_1", "opt_adamw_beta_2", "opt_adamw_epsilon", "opt_adamw_weight_decay",
+    "opt_base_learning_rate", "opt_learning_rate_warmup_steps", "opt_gradient_clip_norm",
+)  # fmt: skip
 SCORE_RE = re.compile(r"Final score - Time to Train \(minutes\): (\S+)")
 
 
@@ -67,6 +72,7 @@ class RunLog:
     stop_status: str | None
     samples: int | None  # samples_count of the last eval_accuracy before run_stop
     evals: int
+    hparams: dict
 
     @property
     def minutes(self) -> float | None:
@@ -104,6 +110,7 @@ def parse_log(path: Path) -> RunLog:
         platform=first.get("submission_platform"),
         gbs=first.get("global_batch_size"),
         seed=first.get("seed"),
+        hparams={k: first[k] for k in HPARAM_KEYS if k in first},
         **run,
     )
 
