@@ -7,7 +7,6 @@ import sys
 
 from .api import FORMATS, convert_checkpoint
 from .io import config_from_flavor, load_config_json
-from .mapping import ConversionError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         config = convert_checkpoint(
             args.src_fmt, args.dst_fmt, args.src, args.dst, config, args.max_shard_size
         )
-    except (ConversionError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # ConversionError, config errors, unreadable files
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(

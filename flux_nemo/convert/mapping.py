@@ -94,7 +94,7 @@ def megatron_layout(config) -> dict[str, tuple[int, ...]]:
     for i in range(d.num_single):
         p = f"single_blocks.{i}"
         linear(f"{p}.modulation.linear", 3 * H, H)
-        linear(f"{p}.self_attention.linear_qkv", 3 * H, H)
+        linear(f"{p}.self_attention.linear_qkv", 3 * H, H, bias=d.qkv_bias)
         out[f"{p}.self_attention.q_layernorm.weight"] = (hd,)
         out[f"{p}.self_attention.k_layernorm.weight"] = (hd,)
         linear(f"{p}.self_attention.linear_proj", H, H, bias=False)
@@ -189,10 +189,14 @@ def _copy_linear(ours: str, theirs: str, bias: bool = True) -> list[Rule]:
 # Rules per format
 
 
+def _require_qkv_bias(d: Dims, why: str) -> None:
+    if not d.qkv_bias:
+        raise ConversionError(f"qkv_bias=False cannot be converted: {why}")
+
+
 def diffusers_rules(config) -> list[Rule]:
     d = Dims.from_config(config)
-    if not d.qkv_bias:
-        raise ConversionError("diffusers Flux always has q/k/v biases; qkv_bias=False cannot be represented")
+    _require_qkv_bias(d, "diffusers Flux always has q/k/v biases")
     to_ours_qkv = partial(_qkv_separate_to_ours, heads=d.heads)
     to_theirs_qkv = partial(_qkv_ours_to_separate, heads=d.heads)
     rules = [
@@ -257,6 +261,7 @@ def diffusers_rules(config) -> list[Rule]:
 
 def bfl_rules(config) -> list[Rule]:
     d = Dims.from_config(config)
+    _require_qkv_bias(d, "BFL single blocks always have a linear1 bias, q/k/v part included")
     to_ours_qkv = partial(_qkv_fused_to_ours, heads=d.heads)
     to_theirs_qkv = partial(_qkv_ours_to_fused, heads=d.heads)
     rules = [
@@ -271,7 +276,7 @@ def bfl_rules(config) -> list[Rule]:
         p = f"double_blocks.{i}"
         for s in ("img", "txt"):
             rules += _copy_linear(f"{p}.{s}_mod.linear", f"{p}.{s}_mod.lin")
-            for n in ("weight", "bias") if d.qkv_bias else ("weight",):
+            for n in ("weight", "bias"):
                 ours, theirs = f"{p}.self_attention.{s}_linear_qkv.{n}", f"{p}.{s}_attn.qkv.{n}"
                 rules.append(Rule((ours,), (theirs,), to_ours_qkv, to_theirs_qkv))
             for x, name in (("q", "query"), ("k", "key")):
