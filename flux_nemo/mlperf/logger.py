@@ -53,6 +53,7 @@ only inside an eval; run_stop "success" only if the last eval_accuracy met the t
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -69,6 +70,7 @@ from flux_nemo.mlperf import constants as C
 # _emit -> mllog.{event,start,end} -> _log_helper -> get_caller: skip our two frames (public method, _emit)
 # so that the file/lineno metadata names the training code that called us (the seed checker reads it).
 _STACK_OFFSET = 3
+_INSTANCES = itertools.count()  # a fresh Python logger per instance (ids of dead objects get reused)
 
 
 def global_rank() -> int:
@@ -154,7 +156,7 @@ class MLPerfLogger:
         self._mllogger = None
         if not self.enabled:
             return
-        pylogger = logging.getLogger(f"flux_nemo.mlperf.{id(self):x}")
+        pylogger = logging.getLogger(f"flux_nemo.mlperf.run{next(_INSTANCES)}")
         pylogger.propagate = False
         pylogger.setLevel(logging.INFO)
         if self.log_file is not None:

@@ -1,4 +1,7 @@
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from mlperf_runs import RunSpec, compliance, write_run
@@ -184,3 +187,22 @@ def test_explicit_off_rule_evaluation_frequency_is_logged_honestly(tmp_path):
     assert [r["value"] for r in _records(log) if r["key"] == "evaluation_frequency"] == [4096]
     res = compliance(log, tmp_path)
     assert res.returncode != 0 and "FAILED" in res.stdout + res.stderr
+
+
+def test_default_rank_comes_from_the_launcher_environment(tmp_path):
+    """rank=None: $RANK, else $SLURM_PROCID (no torch.distributed world in this fresh process)."""
+    script = (
+        "import os, sys; from pathlib import Path; from flux_nemo.mlperf.logger import MLPerfLogger\n"
+        "out = Path(sys.argv[1])\n"
+        "for name, env in [('a', {'SLURM_PROCID': '2'}), ('b', {'RANK': '0', 'SLURM_PROCID': '2'}), ('c', {'RANK': '3'})]:\n"
+        "    for k in ('RANK', 'SLURM_PROCID'): os.environ.pop(k, None)\n"
+        "    os.environ.update(env)\n"
+        "    lg = MLPerfLogger(out / name, stdout=False); lg.init_start(); lg.close(); print(name, lg.rank)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "SLURM_PROCID")}
+    res = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, env=env
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["a", "2", "b", "0", "c", "3"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
