@@ -1,0 +1,195 @@
+"""Flux attention: joint text + image attention (double blocks), self-attention (single blocks), SDPA core.
+
+Both attentions follow BFL: QKV projection, per-head QK RMSNorm, RoPE on q and k (after the norm), then
+unmasked softmax attention with the default 1/sqrt(head_dim) scale. Tensors are ``[s, b, h]``; heads are split
+over tensor-parallel ranks by the column-parallel QKV (Megatron per-head ``[q_h, k_h, v_h]`` row layout) and
+gathered back by the row-parallel output projection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from torch import Tensor
+
+from flux_nemo.model.config import FluxConfig
+from flux_nemo.model.embeddings import param_device
+
+
+def linear_out(linear: torch.nn.Module, x: Tensor) -> Tensor:
+    """Run a Megatron-style linear that returns ``(out, bias)``; add the bias if it was returned unfused."""
+    out, bias = linear(x)
+    return out if bias is None else out + bias
+
+
+class SDPAttention(MegatronModule):
+    """Core attention with ``torch.nn.functional.scaled_dot_product_attention`` (CPU, fp64, any device).
+
+    Same call signature as Megatron's ``TEDotProductAttention`` so specs can swap them. Megatron's local
+    ``DotProductAttention`` is not used because it needs CUDA.
+    """
+
+    def __init__(
+        self,
+        config: FluxConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType = AttnMaskType.no_mask,
+        attention_type: str = "self",
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        **kwargs,
+    ):
+        super().__init__(config)
+        if attn_mask_type != AttnMaskType.no_mask:
+            raise ValueError(f"SDPAttention supports only AttnMaskType.no_mask, got {attn_mask_type}")
+        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.softmax_scale = softmax_scale  # None: SDPA's default 1/sqrt(head_dim)
+
+    def forward(
+        self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None = None, **kwargs
+    ) -> Tensor:
+        """``[s, b, np, hn]`` q, k, v -> ``[s, b, np * hn]``."""
+        if attention_mask is not None:
+            raise ValueError("Flux attention is unmasked")
+        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [b, np, s, hn]
+        dropout = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=self.softmax_scale)
+        return out.permute(2, 0, 1, 3).flatten(2)  # [s, b, np * hn]
+
+
+class RMSNorm(torch.nn.RMSNorm):
+    """``torch.nn.RMSNorm`` with Megatron's norm signature, computed in fp32 (fp64 for fp64 inputs).
+
+    The output keeps the input dtype (the reference norms fp32 values, then casts q and k to v's dtype).
+    """
+
+    def __init__(self, config: FluxConfig, hidden_size: int, eps: float | None = None):
+        super().__init__(hidden_size, eps=eps, device=param_device(config), dtype=config.params_dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        compute = torch.promote_types(x.dtype, torch.float32)
+        weight = self.weight.to(compute)
+        return F.rms_norm(x.to(compute), self.normalized_shape, weight, self.eps).to(x.dtype)
+
+
+@dataclass
+class FluxAttentionSubmodules:
+    """Specs of the attention pieces; ``apply_rope(t [s,b,np,hn], freqs [s,b|1,1,hn])`` is a function."""
+
+    linear_qkv: ModuleSpec | type
+    core_attention: ModuleSpec | type
+    linear_proj: ModuleSpec | type
+    q_layernorm: ModuleSpec | type
+    k_layernorm: ModuleSpec | type
+    apply_rope: Callable[[Tensor, Tensor], Tensor]
+
+
+class _QKV:
+    """Builders shared by both attentions (a mixin keeps each class's parameter names flat)."""
+
+    config: FluxConfig
+
+    def _heads_per_rank(self) -> int:
+        return self.config.num_attention_heads // parallel_state.get_tensor_model_parallel_world_size()
+
+    def _build_qkv(self, submodules: FluxAttentionSubmodules):
+        config, head_dim = self.config, self.config.kv_channels
+        linear = build_module(
+            submodules.linear_qkv,
+            config.hidden_size,
+            3 * config.hidden_size,
+            config=config,
+            init_method=config.init_method,
+            gather_output=False,
+            bias=config.qkv_bias,
+            skip_bias_add=False,
+            is_expert=False,
+            tp_comm_buffer_name="qkv",
+        )
+        eps = torch.finfo(torch.float32).eps  # torch.nn.RMSNorm's default (eps=None) in the reference
+        q_norm = build_module(submodules.q_layernorm, config=config, hidden_size=head_dim, eps=eps)
+        k_norm = build_module(submodules.k_layernorm, config=config, hidden_size=head_dim, eps=eps)
+        return linear, q_norm, k_norm
+
+    def _build_proj(self, submodules: FluxAttentionSubmodules, bias: bool):
+        return build_module(
+            submodules.linear_proj,
+            self.config.hidden_size,
+            self.config.hidden_size,
+            config=self.config,
+            init_method=self.config.output_layer_init_method,
+            bias=bias,
+            input_is_parallel=True,
+            skip_bias_add=False,
+            is_expert=False,
+            tp_comm_buffer_name="proj",
+        )
+
+    def _project_qkv(self, x: Tensor, linear, q_norm, k_norm) -> tuple[Tensor, Tensor, Tensor]:
+        """``[s, b, h]`` -> normalised q, k and v, each ``[s, b, np, hn]``."""
+        mixed = linear_out(linear, x)  # [s, b, 3 * h / tp]
+        mixed = mixed.view(*mixed.shape[:2], self._heads_per_rank(), 3 * self.config.kv_channels)
+        q, k, v = mixed.chunk(3, dim=-1)  # Megatron per-head layout [q_h, k_h, v_h]
+        # The reference casts the normalised q and k to v's dtype.
+        return q_norm(q).to(v.dtype), k_norm(k).to(v.dtype), v
+
+
+class JointSelfAttention(_QKV, MegatronModule):
+    """Double-block attention: separate img/txt QKV, norms and projections; one joint softmax (text first)."""
+
+    def __init__(self, config: FluxConfig, submodules: FluxAttentionSubmodules, layer_number: int):
+        super().__init__(config)
+        self.img_linear_qkv, self.img_q_layernorm, self.img_k_layernorm = self._build_qkv(submodules)
+        self.txt_linear_qkv, self.txt_q_layernorm, self.txt_k_layernorm = self._build_qkv(submodules)
+        self.core_attention = build_module(
+            submodules.core_attention,
+            config=config,
+            layer_number=layer_number,
+            attn_mask_type=AttnMaskType.no_mask,
+            attention_type="self",
+        )
+        self.img_linear_proj = self._build_proj(submodules, bias=True)
+        self.txt_linear_proj = self._build_proj(submodules, bias=True)
+        self.apply_rope = submodules.apply_rope
+
+    def forward(self, img: Tensor, txt: Tensor, pe: Tensor) -> tuple[Tensor, Tensor]:
+        """Modulated ``img [s_img, b, h]``, ``txt [s_txt, b, h]``, RoPE angles ``pe`` -> (img, txt) outputs."""
+        img_qkv = self._project_qkv(img, self.img_linear_qkv, self.img_q_layernorm, self.img_k_layernorm)
+        txt_qkv = self._project_qkv(txt, self.txt_linear_qkv, self.txt_q_layernorm, self.txt_k_layernorm)
+        q, k, v = (torch.cat([t, i], dim=0) for t, i in zip(txt_qkv, img_qkv, strict=True))  # [s, b, np, hn]
+        q, k = self.apply_rope(q, pe), self.apply_rope(k, pe)
+        attn = self.core_attention(q, k, v, attention_mask=None, attn_mask_type=AttnMaskType.no_mask)
+        txt_attn, img_attn = attn.split([txt.shape[0], img.shape[0]], dim=0)  # [s_*, b, h / tp]
+        return linear_out(self.img_linear_proj, img_attn), linear_out(self.txt_linear_proj, txt_attn)
+
+
+class SelfAttention(_QKV, MegatronModule):
+    """Single-block attention over the joint sequence; ``linear_proj`` has no bias (BFL ``linear2``'s bias is
+    carried by the MLP's ``linear_fc2``)."""
+
+    def __init__(self, config: FluxConfig, submodules: FluxAttentionSubmodules, layer_number: int):
+        super().__init__(config)
+        self.linear_qkv, self.q_layernorm, self.k_layernorm = self._build_qkv(submodules)
+        self.core_attention = build_module(
+            submodules.core_attention,
+            config=config,
+            layer_number=layer_number,
+            attn_mask_type=AttnMaskType.no_mask,
+            attention_type="self",
+        )
+        self.linear_proj = self._build_proj(submodules, bias=False)
+        self.apply_rope = submodules.apply_rope
+
+    def forward(self, x: Tensor, pe: Tensor) -> Tensor:
+        """Modulated ``x [s, b, h]`` -> attention output ``[s, b, h]`` (no bias)."""
+        q, k, v = self._project_qkv(x, self.linear_qkv, self.q_layernorm, self.k_layernorm)
+        q, k = self.apply_rope(q, pe), self.apply_rope(k, pe)
+        attn = self.core_attention(q, k, v, attention_mask=None, attn_mask_type=AttnMaskType.no_mask)
+        return linear_out(self.linear_proj, attn)

@@ -1,0 +1,292 @@
+"""FluxConfig: the Flux.1 DiT hyperparameters on top of Megatron-Core's TransformerConfig."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer import TransformerConfig
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU with the tanh approximation, the MLP activation of Flux."""
+    return F.gelu(x, approximate="tanh")
+
+
+@dataclass
+class FluxConfig(TransformerConfig):
+    """Flux.1 DiT configuration (reference: torchtitan ``FluxModelArgs``, BFL ``FluxParams``).
+
+    The derived Megatron fields are filled in from the Flux fields: ``num_layers`` is
+    ``num_double_blocks + num_single_blocks``, ``ffn_hidden_size`` is ``hidden_size * mlp_ratio`` and
+    ``kv_channels`` is the head dim. Leave them unset; a conflicting value raises.
+    """
+
+    ##################
+    # Flux architecture
+    ##################
+    in_channels: int = 64
+    """Channels of a packed latent token (16 latent channels x a 2x2 patch); also the output width."""
+
+    vec_in_dim: int = 768
+    """Width of the pooled conditioning vector (CLIP ViT-L/14 pooled output)."""
+
+    context_in_dim: int = 4096
+    """Width of the text tokens (T5-XXL hidden states)."""
+
+    mlp_ratio: float = 4.0
+    """MLP hidden width as a multiple of ``hidden_size``."""
+
+    num_double_blocks: int = 19
+    """Number of double-stream (MMDiT) blocks, with separate image and text weights."""
+
+    num_single_blocks: int = 38
+    """Number of single-stream blocks over the joint text + image sequence."""
+
+    axes_dim: tuple[int, ...] = (16, 56, 56)
+    """RoPE dims per position axis (id columns); must sum to the head dim. Each axis uses its own frequencies."""
+
+    theta: int = 10_000
+    """RoPE base."""
+
+    qkv_bias: bool = True
+    """Whether the QKV projections have a bias."""
+
+    guidance_embed: bool = False
+    """Guidance embedding (Flux.1-dev). Flux.1-schnell and the MLPerf reference have none; must be False."""
+
+    ##################
+    # Megatron fields with Flux defaults
+    ##################
+    hidden_size: int = 3072
+    """Transformer width."""
+
+    num_attention_heads: int = 24
+    """Attention heads."""
+
+    hidden_dropout: float = 0.0
+    """Flux uses no dropout."""
+
+    attention_dropout: float = 0.0
+    """Flux uses no attention dropout."""
+
+    normalization: str = "RMSNorm"
+    """The only learnable norm in Flux is the QK RMSNorm (its LayerNorms have no affine parameters)."""
+
+    layernorm_epsilon: float = 1e-6
+    """Epsilon of the (non-affine) LayerNorms before modulation."""
+
+    activation_func: Callable = gelu_tanh
+    """MLP activation: GELU, tanh approximation."""
+
+    rotary_interleaved: bool = True
+    """RoPE rotates interleaved pairs (2k, 2k+1), as BFL does (not rotate-half)."""
+
+    use_cpu_initialization: bool = field(default_factory=lambda: not torch.cuda.is_available())
+    """Allocate parameters under the caller's device context (CPU or meta) rather than on the current GPU.
+    Defaults to True when CUDA is unavailable."""
+
+    def __post_init__(self) -> None:
+        self._derive_megatron_fields()
+        super().__post_init__()
+        self._validate()
+
+    def _derive_megatron_fields(self) -> None:
+        if self.num_attention_heads <= 0 or self.hidden_size <= 0:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) and num_attention_heads ({self.num_attention_heads}) "
+                "must be positive"
+            )
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"({self.num_attention_heads})"
+            )
+        ffn = self.hidden_size * self.mlp_ratio
+        if ffn != int(ffn):
+            raise ValueError(
+                f"hidden_size * mlp_ratio must be an integer, got {ffn} (mlp_ratio={self.mlp_ratio})"
+            )
+        derived = {
+            "num_layers": self.num_double_blocks + self.num_single_blocks,
+            "ffn_hidden_size": int(ffn),
+            "kv_channels": self.hidden_size // self.num_attention_heads,
+        }
+        unset = {"num_layers": 0, "ffn_hidden_size": None, "kv_channels": None}
+        for name, value in derived.items():
+            current = getattr(self, name)
+            if current != unset[name] and current != value:
+                raise ValueError(
+                    f"{name} ({current}) is derived from the Flux fields and must be {value}; leave it unset"
+                )
+            setattr(self, name, value)
+
+    def _validate(self) -> None:
+        self.axes_dim = tuple(int(d) for d in self.axes_dim)
+        checks = [
+            (
+                self.guidance_embed,
+                "guidance_embed",
+                "must be False: Flux.1-schnell has no guidance embedding",
+            ),
+            (
+                sum(self.axes_dim) != self.kv_channels,
+                "axes_dim",
+                f"{self.axes_dim} must sum to the head dim hidden_size / num_attention_heads = {self.kv_channels}",
+            ),
+            (any(d <= 0 or d % 2 for d in self.axes_dim), "axes_dim", "entries must be positive and even"),
+            (self.num_double_blocks < 0, "num_double_blocks", "must be >= 0"),
+            (self.num_single_blocks < 0, "num_single_blocks", "must be >= 0"),
+            (self.num_layers < 1, "num_double_blocks + num_single_blocks", "must be >= 1"),
+            (
+                self.hidden_size % self.tensor_model_parallel_size != 0,
+                "hidden_size",
+                f"({self.hidden_size}) must be divisible by tensor_model_parallel_size "
+                f"({self.tensor_model_parallel_size})",
+            ),
+            (
+                self.ffn_hidden_size % self.tensor_model_parallel_size != 0,
+                "ffn_hidden_size",
+                f"({self.ffn_hidden_size}) must be divisible by tensor_model_parallel_size "
+                f"({self.tensor_model_parallel_size})",
+            ),
+            (
+                self.num_query_groups != self.num_attention_heads,
+                "num_query_groups",
+                "must equal num_attention_heads (Flux uses multi-head attention)",
+            ),
+            (self.normalization != "RMSNorm", "normalization", "must be 'RMSNorm' (the QK norm)"),
+            (self.gated_linear_unit, "gated_linear_unit", "must be False (Flux MLPs are not gated)"),
+            (
+                self.pipeline_model_parallel_size != 1,
+                "pipeline_model_parallel_size",
+                "must be 1: the Flux model is not pipeline-parallel",
+            ),
+            (
+                self.context_parallel_size != 1,
+                "context_parallel_size",
+                "must be 1: the Flux model does not split the sequence",
+            ),
+            (
+                self.sequence_parallel,
+                "sequence_parallel",
+                "must be False: the joint text + image sequence is not sequence-parallel",
+            ),
+            (
+                min(self.in_channels, self.vec_in_dim, self.context_in_dim) <= 0,
+                "in_channels",
+                "widths must be > 0",
+            ),
+        ]
+        for failed, name, message in checks:
+            if failed:
+                raise ValueError(f"FluxConfig.{name} {message}")
+
+    @property
+    def head_dim(self) -> int:
+        """Attention head dim (``kv_channels``)."""
+        return self.kv_channels
+
+    @classmethod
+    def from_flavor(cls, flavor: str, **overrides: Any) -> FluxConfig:
+        """Build a named flavor (``"schnell"`` or ``"tiny"``), with any field overridden.
+
+        Raises:
+            ValueError: on an unknown flavor or override key.
+        """
+        if flavor not in FLAVORS:
+            raise ValueError(f"unknown Flux flavor {flavor!r}; choose one of {sorted(FLAVORS)}")
+        _check_field_names(overrides, f"FluxConfig.from_flavor({flavor!r})")
+        return cls(**{**FLAVORS[flavor], **overrides})
+
+    @classmethod
+    def from_diffusers_config(cls, config: dict[str, Any], **overrides: Any) -> FluxConfig:
+        """Build from the ``config.json`` of a diffusers ``FluxTransformer2DModel``.
+
+        Keys starting with ``_`` (``_class_name``, ``_diffusers_version``) are ignored; any other key this
+        model does not understand raises, since it might change the architecture.
+        """
+        cfg = {k: v for k, v in config.items() if not k.startswith("_")}
+        unknown = sorted(set(cfg) - _DIFFUSERS_KEYS)
+        if unknown:
+            raise ValueError(f"unsupported diffusers FluxTransformer2DModel config keys: {unknown}")
+        if cfg.get("guidance_embeds", False):
+            raise ValueError("diffusers guidance_embeds=True (Flux.1-dev) is not supported: schnell has none")
+        in_channels = cfg.get("in_channels", 64)
+        out_channels = cfg.get("out_channels") or in_channels
+        if out_channels != in_channels:
+            raise ValueError(
+                f"diffusers out_channels ({out_channels}) must equal in_channels ({in_channels})"
+            )
+        if cfg.get("patch_size", 1) != 1:
+            raise ValueError(f"diffusers patch_size must be 1 (latents come packed), got {cfg['patch_size']}")
+        heads, head_dim = cfg.get("num_attention_heads", 24), cfg.get("attention_head_dim", 128)
+        fields = dict(
+            in_channels=in_channels,
+            vec_in_dim=cfg.get("pooled_projection_dim", 768),
+            context_in_dim=cfg.get("joint_attention_dim", 4096),
+            hidden_size=heads * head_dim,
+            num_attention_heads=heads,
+            num_double_blocks=cfg.get("num_layers", 19),
+            num_single_blocks=cfg.get("num_single_layers", 38),
+            axes_dim=tuple(cfg.get("axes_dims_rope", (16, 56, 56))),
+        )
+        _check_field_names(overrides, "FluxConfig.from_diffusers_config")
+        return cls(**{**fields, **overrides})
+
+
+_DIFFUSERS_KEYS = {
+    "patch_size",
+    "in_channels",
+    "out_channels",
+    "num_layers",
+    "num_single_layers",
+    "attention_head_dim",
+    "num_attention_heads",
+    "joint_attention_dim",
+    "pooled_projection_dim",
+    "guidance_embeds",
+    "axes_dims_rope",
+}
+
+FLAVORS: dict[str, dict[str, Any]] = {
+    # Flux.1-schnell as trained by the MLPerf reference (torchtitan "flux-schnell"): 11,891,178,560 params.
+    "schnell": dict(
+        in_channels=64,
+        vec_in_dim=768,
+        context_in_dim=4096,
+        hidden_size=3072,
+        mlp_ratio=4.0,
+        num_attention_heads=24,
+        num_double_blocks=19,
+        num_single_blocks=38,
+        axes_dim=(16, 56, 56),
+        theta=10_000,
+        qkv_bias=True,
+    ),
+    # Same input widths and head dim (so the same data and RoPE), tiny width and depth: for tests and smoke runs.
+    "tiny": dict(
+        in_channels=64,
+        vec_in_dim=768,
+        context_in_dim=4096,
+        hidden_size=256,
+        mlp_ratio=4.0,
+        num_attention_heads=2,
+        num_double_blocks=2,
+        num_single_blocks=2,
+        axes_dim=(16, 56, 56),
+        theta=10_000,
+        qkv_bias=True,
+    ),
+}
+
+
+def _check_field_names(overrides: dict[str, Any], where: str) -> None:
+    names = {f.name for f in dataclasses.fields(FluxConfig)}
+    for key in overrides:
+        if key not in names:
+            raise ValueError(f"{where}: unknown FluxConfig field {key!r}")

@@ -1,0 +1,121 @@
+"""The Flux.1 DiT as a Megatron-Core module, and ``build_flux``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import build_module
+from torch import Tensor, nn
+
+from flux_nemo.model.adaln import LastLayer
+from flux_nemo.model.blocks import FluxSubmodules
+from flux_nemo.model.config import FluxConfig
+from flux_nemo.model.embeddings import EmbedND, MLPEmbedder, replicated_linear, timestep_embedding
+from flux_nemo.model.init import init_flux_weights
+from flux_nemo.model.specs import get_flux_spec
+from flux_nemo.shims import ensure_megatron_initialized
+
+# ``block_runner(block, *args)`` runs one block; training code uses it for recompute or an FP8 context.
+BlockRunner = Callable[..., object]
+
+
+class Flux(MegatronModule):
+    """Flux.1 transformer (BFL ``Flux``): double-stream blocks, then single-stream blocks on ``cat(txt, img)``.
+
+    Args:
+        config: the model configuration.
+        submodules: block specs (see ``flux_nemo.model.specs``).
+        block_runner: optional ``fn(block, *args)`` that runs each block (default: ``block(*args)``); the
+            hook for activation recompute, FP8 contexts or CUDA graphs, so those stay out of the model.
+            It may also be set later through the ``block_runner`` attribute.
+    """
+
+    def __init__(
+        self, config: FluxConfig, submodules: FluxSubmodules, block_runner: BlockRunner | None = None
+    ):
+        super().__init__(config)
+        self.block_runner = block_runner
+        h = config.hidden_size
+        self.pe_embedder = EmbedND(config.axes_dim, config.theta)
+        self.img_in = replicated_linear(config, config.in_channels, h)
+        self.time_in = MLPEmbedder(config, in_dim=256)
+        self.vector_in = MLPEmbedder(config, in_dim=config.vec_in_dim)
+        self.txt_in = replicated_linear(config, config.context_in_dim, h)
+        self.double_blocks = nn.ModuleList(
+            build_module(submodules.double_block, config=config, layer_number=i + 1)
+            for i in range(config.num_double_blocks)
+        )
+        self.single_blocks = nn.ModuleList(
+            build_module(
+                submodules.single_block, config=config, layer_number=config.num_double_blocks + i + 1
+            )
+            for i in range(config.num_single_blocks)
+        )
+        self.final_layer = LastLayer(config)
+
+    def forward(
+        self, img: Tensor, txt: Tensor, y: Tensor, timesteps: Tensor, img_ids: Tensor, txt_ids: Tensor
+    ):
+        """Predict the flow-matching velocity of the image tokens.
+
+        Args:
+            img: packed noisy latents ``[b, s_img, in_channels]``.
+            txt: text tokens ``[b, s_txt, context_in_dim]``.
+            y: pooled vector ``[b, vec_in_dim]``.
+            timesteps: ``[b]`` in [0, 1].
+            img_ids: ``[b or 1, s_img, 3]`` (0, row, col) ids; txt_ids: ``[b or 1, s_txt, 3]`` (zeros).
+                A batch size of 1 shares one RoPE table over the batch (lets the ``te`` spec use fused RoPE).
+
+        Returns:
+            ``[b, s_img, in_channels]``.
+        """
+        # Like the reference, inputs take the parameters' dtype.
+        dtype = self.img_in.weight.dtype
+        img, txt, y, timesteps = (t.to(dtype) for t in (img, txt, y, timesteps))
+        img = self.img_in(img.transpose(0, 1))  # [s_img, b, h]
+        vec = self.time_in(timestep_embedding(timesteps, 256)) + self.vector_in(y)  # [b, h]
+        txt = self.txt_in(txt.transpose(0, 1))  # [s_txt, b, h]
+        pe = self.pe_embedder(_cat_ids(txt_ids, img_ids), dtype)  # [s_txt + s_img, b|1, 1, head_dim]
+
+        for block in self.double_blocks:
+            img, txt = self.run_block(block, img, txt, vec, pe)
+        x = torch.cat([txt, img], dim=0)  # [s_txt + s_img, b, h]
+        for block in self.single_blocks:
+            x = self.run_block(block, x, vec, pe)
+        img = x[txt.shape[0] :]  # [s_img, b, h]
+
+        img = self.final_layer(img, vec)  # [s_img, b, in_channels]
+        return img.transpose(0, 1)  # [b, s_img, in_channels]
+
+    def run_block(self, block: nn.Module, *args: Tensor):
+        """Run one block, through ``block_runner`` if set."""
+        if self.block_runner is None:
+            return block(*args)
+        return self.block_runner(block, *args)
+
+    def init_weights(self) -> None:
+        """Apply the reference initialisation (``flux_nemo.model.init``); a fresh model then outputs 0."""
+        init_flux_weights(self)
+
+
+def _cat_ids(txt_ids: Tensor, img_ids: Tensor) -> Tensor:
+    """``cat([txt_ids, img_ids], dim=1)``, broadcasting a batch size of 1."""
+    batch = max(txt_ids.shape[0], img_ids.shape[0])
+    return torch.cat([txt_ids.expand(batch, -1, -1), img_ids.expand(batch, -1, -1)], dim=1)
+
+
+def build_flux(config: FluxConfig, backend: str = "local", block_runner: BlockRunner | None = None) -> Flux:
+    """Build a Flux model with the ``backend`` spec (``"local"`` or ``"te"``).
+
+    Parameters go where Megatron puts them: under the caller's device context (meta, CPU) when
+    ``config.use_cpu_initialization`` (the default without CUDA), else on the current GPU. A model with real
+    parameters gets the reference initialisation (``Flux.init_weights``); on the meta device, call it after
+    materialising. A single-process Megatron world is set up if none exists.
+    """
+    ensure_megatron_initialized()
+    model = Flux(config, get_flux_spec(backend), block_runner=block_runner)
+    if config.perform_initialization and not any(p.is_meta for p in model.parameters()):
+        model.init_weights()
+    return model
