@@ -1,8 +1,9 @@
 """The one place where flux-nemo emits MLPerf (``:::MLLOG``) events.
 
-``MLPerfLogger`` wraps ``mlperf_logging.mllog``. Each instance writes to its own log file (appending) and,
-by default, also prints the ``:::MLLOG`` lines on stdout. Only global rank 0 emits. Every rank runs the
-same argument and ordering checks, so a contract violation fails on all ranks alike.
+``MLPerfLogger`` wraps ``mlperf_logging.mllog``. Each instance writes to its own log file (one run per file:
+it is truncated at construction unless ``append=True``) and, by default, also prints the ``:::MLLOG`` lines
+on stdout. Only global rank 0 emits. Every rank runs the same argument and ordering checks, so a contract
+violation fails on all ranks alike.
 
 Event contract (ruleset training 6.1.0). Keys are emitted in this order; ``samples_count`` is always the
 cumulative number of training samples consumed so far (it never decreases):
@@ -127,11 +128,13 @@ class MLPerfLogger:
     """Emits the flux1 MLPerf event contract (see the module docstring) on global rank 0.
 
     Args:
-        log_file: the result log to append to (rank 0 creates its parent folder). ``None``: stdout only.
+        log_file: the result log of this run (rank 0 creates its parent folder and truncates the file,
+            since a result file holds exactly one run). ``None``: stdout only.
         rank: global rank; default ``global_rank()``. Ranks other than 0 write nothing.
         stdout: also print the ``:::MLLOG`` lines on stdout (rank 0 only).
         clock: returns the current time in seconds since the epoch (default ``time.time``); used for
             every event's ``time_ms``.
+        append: append to an existing ``log_file`` instead of truncating it.
     """
 
     def __init__(
@@ -141,6 +144,7 @@ class MLPerfLogger:
         rank: int | None = None,
         stdout: bool = True,
         clock: Callable[[], float] = time.time,
+        append: bool = False,
     ):
         self.rank = global_rank() if rank is None else _int("rank", rank, 0)
         self.enabled = self.rank == 0
@@ -161,7 +165,9 @@ class MLPerfLogger:
         pylogger.setLevel(logging.INFO)
         if self.log_file is not None:
             self.log_file.parent.mkdir(parents=True, exist_ok=True)
-            self._handlers.append(logging.FileHandler(self.log_file, mode="a", encoding="utf-8"))
+            self._handlers.append(
+                logging.FileHandler(self.log_file, mode="a" if append else "w", encoding="utf-8")
+            )
         if stdout:
             self._handlers.append(logging.StreamHandler(sys.stdout))
         for h in self._handlers:

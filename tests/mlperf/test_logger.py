@@ -206,3 +206,16 @@ def test_default_rank_comes_from_the_launcher_environment(tmp_path):
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == ["a", "2", "b", "0", "c", "3"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+def test_log_file_holds_one_run_unless_append(tmp_path):
+    log = tmp_path / "sub" / "result_0.txt"
+    for _ in range(2):
+        lg = MLPerfLogger(log, rank=0, stdout=False)
+        lg.init_start()
+        lg.close()
+    assert [r["key"] for r in _records(log)] == ["cache_clear", "init_start"]
+    lg = MLPerfLogger(log, rank=0, stdout=False, append=True)
+    lg.init_start()
+    lg.close()
+    assert [r["key"] for r in _records(log)] == ["cache_clear", "init_start"] * 2
