@@ -61,6 +61,22 @@ class RecordShapes:
             "logvar": lat,
         }
 
+    @classmethod
+    def for_model(
+        cls,
+        *,
+        context_in_dim: int,
+        vec_in_dim: int,
+        in_channels: int,
+        t5_len: int = 256,
+        latent_size: int = 32,
+    ) -> RecordShapes:
+        """Shapes the model expects: T5 dim = ``context_in_dim``, CLIP = ``vec_in_dim``, latent channels =
+        ``in_channels / 4`` (2x2 patches are packed into the channel dim)."""
+        if in_channels % 4:
+            raise ValueError(f"in_channels {in_channels} is not a multiple of 4 (2x2 packed latent channels)")
+        return cls(t5_len, context_in_dim, vec_in_dim, in_channels // 4, latent_size)
+
     def record_bytes(self) -> int:
         """Payload bytes of one record (bf16 tensors, without npy headers)."""
         return 2 * sum(int(np.prod(s)) for s in self.fields().values())

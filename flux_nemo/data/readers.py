@@ -1,0 +1,345 @@
+"""Random-access readers of the official preprocessed records (Arrow ``save_to_disk`` or webdataset tars).
+
+Both readers expose the same small interface, used by the loaders:
+
+* ``len(source)``: number of samples, in the published order (Arrow files in ``state.json`` order; tar shards
+  sorted by name, members in tar order);
+* ``source.fill(index, out, row)``: copy sample ``index``'s four tensors into row ``row`` of the uint16 numpy
+  arrays ``out[column]`` (one copy from the page cache, no intermediate tensors) and return its timestep
+  (-1 when the dataset has no timestep or the cell is null);
+* ``source.key(index)`` and ``source.check(index)`` (decode one sample fully, raising on any problem).
+
+Arrow files are memory-mapped (``pa.memory_map`` + IPC stream read, zero copy); tar shards are memory-mapped and
+indexed once by scanning their 512-byte headers. Any problem raises ``ValueError`` naming the file and the row
+or key; nothing is ever skipped.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import mmap
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .format import (
+    KEY_COLUMN,
+    OFFICIAL_SHAPES,
+    TENSOR_COLUMNS,
+    TIMESTEP_COLUMN,
+    WDS_EXT,
+    RecordShapes,
+    payload_view,
+)
+
+
+class _Source:
+    shapes: RecordShapes
+    path: str
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def check(self, index: int) -> None:
+        """Decode sample ``index`` into scratch buffers; raises ValueError naming file and row/key on any problem."""
+        out = {c: np.empty((1, *s), np.uint16) for c, s in self.shapes.fields().items()}
+        self.fill(index, out, 0)
+
+    def _check_index(self, index: int) -> None:
+        if not 0 <= index < len(self):
+            raise IndexError(f"{self.path}: sample {index} out of range [0, {len(self)})")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Arrow (HF save_to_disk)
+
+
+def _arrow_files(path: Path) -> list[Path]:
+    if path.is_file() and path.suffix == ".arrow":
+        return [path]
+    if not path.is_dir():
+        raise FileNotFoundError(f"Arrow dataset not found: {path}")
+    if (path / "dataset_dict.json").exists():
+        raise ValueError(f"{path} is a DatasetDict; pass the split directory (e.g. {path}/train)")
+    state = path / "state.json"
+    if state.exists():
+        try:
+            files = [path / f["filename"] for f in json.loads(state.read_text())["_data_files"]]
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"{state}: unreadable save_to_disk state ({e})") from None
+    else:
+        files = sorted(path.glob("*.arrow"))
+    if not files:
+        raise ValueError(f"{path}: no .arrow files (not a save_to_disk dataset)")
+    for f in files:
+        if not f.is_file():
+            raise FileNotFoundError(f"{path}: data file listed in state.json is missing: {f.name}")
+    return files
+
+
+class _ArrowFile:
+    """One memory-mapped Arrow IPC stream file: per column, per record batch (offsets, data buffer)."""
+
+    def __init__(self, path: Path, shapes: RecordShapes):
+        self.path = path
+        try:
+            table = pa.ipc.open_stream(pa.memory_map(str(path), "r")).read_all()
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"{path}: corrupt or unreadable Arrow file ({e})") from None
+        names = table.schema.names
+        for col in TENSOR_COLUMNS:
+            if col not in names:
+                raise ValueError(f"{path}: missing column {col!r} (columns: {names})")
+            typ = table.schema.field(col).type
+            if typ not in (pa.binary(), pa.large_binary()):
+                raise ValueError(f"{path}: column {col!r} has type {typ}, expected binary")
+        self.n = table.num_rows
+        self.keys = table.column(KEY_COLUMN) if KEY_COLUMN in names else None
+        if TIMESTEP_COLUMN in names:
+            ts = table.column(TIMESTEP_COLUMN)
+            if not pa.types.is_integer(ts.type):
+                raise ValueError(f"{path}: column 'timestep' has type {ts.type}, expected int32")
+            self.timesteps = pc.fill_null(ts, -1).to_numpy().astype(np.int64)
+        else:
+            self.timesteps = np.full(self.n, -1, dtype=np.int64)
+        # batch boundaries are the same for every column of an IPC stream (one chunk per record batch)
+        self.starts: list[int] = []
+        self.cols: dict[str, list[tuple[np.ndarray, pa.Buffer, object]]] = {c: [] for c in TENSOR_COLUMNS}
+        pos = 0
+        for col in TENSOR_COLUMNS:
+            pos = 0
+            for chunk in table.column(col).chunks:
+                if col == TENSOR_COLUMNS[0]:
+                    self.starts.append(pos)
+                validity, offsets, data = chunk.buffers()
+                odt = np.int64 if chunk.type == pa.large_binary() else np.int32
+                offs = np.frombuffer(offsets, dtype=odt)[chunk.offset : chunk.offset + len(chunk) + 1]
+                self.cols[col].append((offs, data, chunk if chunk.null_count else None))
+                pos += len(chunk)
+        self.shapes = shapes
+
+    def key(self, r: int) -> str:
+        return f"row{r}" if self.keys is None else str(self.keys[r].as_py())
+
+    def fill(self, r: int, out: dict[str, np.ndarray], row: int) -> int:
+        b = bisect.bisect_right(self.starts, r) - 1
+        lr = r - self.starts[b]
+        fields = self.shapes.fields()
+        for col in TENSOR_COLUMNS:
+            offs, data, nullable = self.cols[col][b]
+            if nullable is not None and not nullable[lr].is_valid:
+                raise ValueError(f"{self.path} row {r} (key {self.key(r)!r}) column {col}: null cell")
+            s, e = int(offs[lr]), int(offs[lr + 1])
+            cell = memoryview(data)[s:e] if data is not None else b""
+            try:
+                view = payload_view(cell, fields[col], where="")
+            except ValueError as err:
+                where = f"{self.path} row {r} (key {self.key(r)!r}) column {col}"
+                raise ValueError(f"{where}{err}") from None
+            out[col][row] = view
+        return int(self.timesteps[r])
+
+
+class ArrowSource(_Source):
+    """An HF ``save_to_disk`` dataset directory (or a single ``.arrow`` stream file), memory-mapped."""
+
+    def __init__(self, path: str | os.PathLike, shapes: RecordShapes = OFFICIAL_SHAPES):
+        self.path = str(path)
+        self.shapes = shapes
+        self._files_paths = _arrow_files(Path(path))
+        self._open()
+
+    def _open(self) -> None:
+        self._files = [_ArrowFile(p, self.shapes) for p in self._files_paths]
+        self._starts = np.cumsum([0] + [f.n for f in self._files]).tolist()
+        self._pid = os.getpid()
+
+    def __getstate__(self):  # pickled into spawned workers: reopen there
+        return {"path": self.path, "shapes": self.shapes, "_files_paths": self._files_paths}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._open()
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def _locate(self, index: int) -> tuple[_ArrowFile, int]:
+        self._check_index(index)
+        f = bisect.bisect_right(self._starts, index) - 1
+        return self._files[f], index - self._starts[f]
+
+    def key(self, index: int) -> str:
+        f, r = self._locate(index)
+        return f.key(r)
+
+    def fill(self, index: int, out: dict[str, np.ndarray], row: int) -> int:
+        f, r = self._locate(index)
+        return f.fill(r, out, row)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# webdataset tar shards
+
+
+def _tar_files(path) -> list[Path]:
+    if isinstance(path, list | tuple):
+        files = [Path(p) for p in path]
+    else:
+        p = Path(path)
+        if p.is_file():
+            files = [p]
+        elif p.is_dir():
+            files = sorted(p.glob("*.tar"))
+        else:
+            files = sorted(Path(p.parent).glob(p.name)) if p.parent.is_dir() else []
+    if not files:
+        raise FileNotFoundError(f"no webdataset .tar shards at {path}")
+    return files
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """webdataset rule: key = path up to the first dot of the basename, ext = the rest."""
+    d, _, base = name.rpartition("/")
+    k, dot, ext = base.partition(".")
+    return (f"{d}/{k}" if d else k), ext
+
+
+def _scan_tar(path: Path, mm) -> list[tuple[str, int, int]]:
+    """(member name, data offset, size) of the regular files of a tar, in order; fast path for plain ustar."""
+    members = []
+    pos, n = 0, len(mm)
+    while pos + 512 <= n:
+        hdr = mm[pos : pos + 512]
+        if hdr == b"\0" * 512:
+            return members
+        typ = hdr[156:157]
+        if typ not in (b"0", b"\0") or hdr[257:262] != b"ustar":
+            return _scan_tar_slow(path)  # pax / GNU long names etc.: let tarfile handle them
+        chk = hdr[148:156].rstrip(b"\0 ")
+        if not chk or int(chk, 8) != sum(hdr[:148]) + 256 + sum(hdr[156:]):
+            raise ValueError(f"{path}: corrupt tar header at byte {pos}")
+        name = hdr[0:100].split(b"\0", 1)[0].decode()
+        prefix = hdr[345:500].split(b"\0", 1)[0].decode()
+        if prefix:
+            name = f"{prefix}/{name}"
+        size = int(hdr[124:136].rstrip(b"\0 ") or b"0", 8)
+        if pos + 512 + size > n:
+            raise ValueError(f"{path}: truncated tar (member {name!r} runs past the end of the file)")
+        members.append((name, pos + 512, size))
+        pos += 512 + (size + 511) // 512 * 512
+    if pos != n or not members and n:
+        raise ValueError(f"{path}: truncated tar (no end-of-archive marker)")
+    return members
+
+
+def _scan_tar_slow(path: Path) -> list[tuple[str, int, int]]:
+    try:
+        with tarfile.open(path, "r:") as tf:
+            return [(m.name, m.offset_data, m.size) for m in tf.getmembers() if m.isfile()]
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise ValueError(f"{path}: corrupt tar shard ({e})") from None
+
+
+class _TarShard:
+    def __init__(self, path: Path):
+        self.path = path
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            self.mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+        wanted = {ext: i for i, ext in enumerate(["json"] + [WDS_EXT[c] for c in TENSOR_COLUMNS])}
+        keys: list[str] = []
+        loc: list[list[int]] = []
+        for name, off, size in _scan_tar(path, self.mm):
+            k, ext = _split_name(name)
+            if ext not in wanted:
+                continue
+            if not keys or keys[-1] != k:
+                keys.append(k)
+                loc.append([-1] * (2 * len(wanted)))
+            j = wanted[ext]
+            loc[-1][2 * j], loc[-1][2 * j + 1] = off, size
+        self.keys = keys
+        self.loc = np.asarray(loc, dtype=np.int64).reshape(len(keys), 2 * len(wanted))
+        for i, k in enumerate(keys):
+            for ext, j in wanted.items():
+                if ext != "json" and self.loc[i, 2 * j] < 0:
+                    raise ValueError(f"{path} key {k!r}: missing member {k}.{ext}")
+
+    def meta(self, i: int) -> tuple[str, int]:
+        off, size = self.loc[i, 0], self.loc[i, 1]
+        if off < 0:
+            return self.keys[i], -1
+        try:
+            d = json.loads(bytes(self.mm[off : off + size]))
+        except ValueError as e:
+            raise ValueError(f"{self.path} key {self.keys[i]!r}: corrupt .json member ({e})") from None
+        ts = d.get(TIMESTEP_COLUMN)
+        return str(d.get("key", self.keys[i])), (-1 if ts is None else int(ts))
+
+
+class WebDatasetSource(_Source):
+    """Webdataset tar shards (a directory of ``*.tar``, a glob, a file or a list), memory-mapped and indexed."""
+
+    def __init__(self, path, shapes: RecordShapes = OFFICIAL_SHAPES):
+        self.path = str(path)
+        self.shapes = shapes
+        self._paths = _tar_files(path)
+        self._open()
+
+    def _open(self) -> None:
+        self._shards = [_TarShard(p) for p in self._paths]
+        self._starts = np.cumsum([0] + [len(s.keys) for s in self._shards]).tolist()
+
+    def __getstate__(self):
+        return {"path": self.path, "shapes": self.shapes, "_paths": self._paths}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._open()
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def _locate(self, index: int) -> tuple[_TarShard, int]:
+        self._check_index(index)
+        s = bisect.bisect_right(self._starts, index) - 1
+        return self._shards[s], index - self._starts[s]
+
+    def key(self, index: int) -> str:
+        sh, i = self._locate(index)
+        return sh.meta(i)[0]
+
+    def fill(self, index: int, out: dict[str, np.ndarray], row: int) -> int:
+        sh, i = self._locate(index)
+        fields = self.shapes.fields()
+        for j, col in enumerate(TENSOR_COLUMNS, start=1):
+            off, size = int(sh.loc[i, 2 * j]), int(sh.loc[i, 2 * j + 1])
+            cell = memoryview(sh.mm)[off : off + size]
+            try:
+                out[col][row] = payload_view(cell, fields[col], where="")
+            except ValueError as err:
+                raise ValueError(f"{sh.path} key {sh.keys[i]!r} member .{WDS_EXT[col]}{err}") from None
+        return sh.meta(i)[1]
+
+
+def open_source(path, shapes: RecordShapes = OFFICIAL_SHAPES, fmt: str = "auto") -> _Source:
+    """Open ``path`` as ``"arrow"``, ``"webdataset"`` or ``"auto"`` (state.json / *.arrow -> Arrow; *.tar -> wds)."""
+    if fmt == "auto":
+        p = Path(path) if not isinstance(path, list | tuple) else None
+        if p is None or p.suffix == ".tar" or (p.is_dir() and any(p.glob("*.tar"))):
+            fmt = "webdataset"
+        elif p.suffix == ".arrow" or (p.is_dir() and ((p / "state.json").exists() or any(p.glob("*.arrow")))):
+            fmt = "arrow"
+        else:
+            raise FileNotFoundError(f"{path}: neither an Arrow save_to_disk dataset nor webdataset shards")
+    if fmt == "arrow":
+        return ArrowSource(path, shapes)
+    if fmt == "webdataset":
+        return WebDatasetSource(path, shapes)
+    raise ValueError(f"unknown data format {fmt!r}; expected 'arrow', 'webdataset' or 'auto'")
