@@ -290,3 +290,18 @@ def test_cli_reports_a_bad_file(tmp_path, capsys):
     assert "missing key(s): single_blocks.0.linear2.bias" in err
     assert "shape mismatch for key img_in.weight: expected (32, 8), got (32, 9)" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_layout_is_the_model_state_dict(megatron_world):
+    """Our layout is exactly what build_flux creates, and schnell has the reference's 11,891,178,560 parameters."""
+    from flux_nemo.convert.mapping import bfl_rules, derived_layout
+    from flux_nemo.model import build_flux
+
+    config = FluxConfig.from_flavor("tiny")
+    with torch.device("meta"):
+        model = build_flux(config, backend="local")
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    assert shapes == megatron_layout(config)
+    schnell = FluxConfig.from_flavor("schnell")
+    for layout in (megatron_layout(schnell), derived_layout(bfl_rules(schnell), megatron_layout(schnell))):
+        assert sum(torch.Size(s).numel() for s in layout.values()) == 11_891_178_560
