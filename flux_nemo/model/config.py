@@ -98,13 +98,21 @@ class FluxConfig(TransformerConfig):
     def _derive_megatron_fields(self) -> None:
         if self.num_attention_heads <= 0 or self.hidden_size <= 0:
             raise ValueError(
-                f"hidden_size ({self.hidden_size}) and num_attention_heads ({self.num_attention_heads}) "
+                f"FluxConfig.hidden_size ({self.hidden_size}) and num_attention_heads ({self.num_attention_heads}) "
                 "must be positive"
             )
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
-                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"FluxConfig.hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
                 f"({self.num_attention_heads})"
+            )
+        if (
+            min(self.num_double_blocks, self.num_single_blocks) < 0
+            or self.num_double_blocks + self.num_single_blocks < 1
+        ):
+            raise ValueError(
+                f"FluxConfig.num_double_blocks ({self.num_double_blocks}) and num_single_blocks "
+                f"({self.num_single_blocks}) must be >= 0 with at least one block"
             )
         ffn = self.hidden_size * self.mlp_ratio
         if ffn != int(ffn):
@@ -121,7 +129,7 @@ class FluxConfig(TransformerConfig):
             current = getattr(self, name)
             if current != unset[name] and current != value:
                 raise ValueError(
-                    f"{name} ({current}) is derived from the Flux fields and must be {value}; leave it unset"
+                    f"FluxConfig.{name} ({current}) is derived from the Flux fields and must be {value}; leave it unset"
                 )
             setattr(self, name, value)
 
@@ -139,9 +147,6 @@ class FluxConfig(TransformerConfig):
                 f"{self.axes_dim} must sum to the head dim hidden_size / num_attention_heads = {self.kv_channels}",
             ),
             (any(d <= 0 or d % 2 for d in self.axes_dim), "axes_dim", "entries must be positive and even"),
-            (self.num_double_blocks < 0, "num_double_blocks", "must be >= 0"),
-            (self.num_single_blocks < 0, "num_single_blocks", "must be >= 0"),
-            (self.num_layers < 1, "num_double_blocks + num_single_blocks", "must be >= 1"),
             (
                 self.hidden_size % self.tensor_model_parallel_size != 0,
                 "hidden_size",

@@ -58,15 +58,16 @@ class EmbedND(nn.Module):
         self.axes_dim = tuple(axes_dim)
         self.theta = theta
 
-    def forward(self, ids: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-        """Angles ``[s, b, 1, head_dim]`` of ``ids [b, s, n_axes]``, in ``dtype`` (at least fp32)."""
-        return rope_frequencies(ids, self.axes_dim, self.theta).to(torch.promote_types(dtype, torch.float32))
+    def forward(self, ids: Tensor) -> Tensor:
+        """float64 angles ``[s, b, 1, head_dim]`` of ``ids [b, s, n_axes]``."""
+        return rope_frequencies(ids, self.axes_dim, self.theta)
 
 
 def apply_interleaved_rope(t: Tensor, freqs: Tensor) -> Tensor:
     """Rotate each pair (2k, 2k+1) of the last dim of ``t [s, b, np, hn]`` by ``freqs [s, b|1, 1, hn]``.
 
-    Computed in fp32 (fp64 for fp64 inputs) and cast back, like BFL ``apply_rope``.
+    Like BFL: cos and sin are taken at the precision of ``freqs`` (float64 from :class:`EmbedND`), the rotation
+    is computed in fp32 (fp64 for fp64 inputs) and cast back.
     """
     compute = torch.promote_types(t.dtype, torch.float32)
     x = t.to(compute)

@@ -77,7 +77,7 @@ class Flux(MegatronModule):
         img = self.img_in(img.transpose(0, 1))  # [s_img, b, h]
         vec = self.time_in(timestep_embedding(timesteps, 256)) + self.vector_in(y)  # [b, h]
         txt = self.txt_in(txt.transpose(0, 1))  # [s_txt, b, h]
-        pe = self.pe_embedder(_cat_ids(txt_ids, img_ids), dtype)  # [s_txt + s_img, b|1, 1, head_dim]
+        pe = self.pe_embedder(_cat_ids(txt_ids, img_ids))  # [s_txt + s_img, b|1, 1, head_dim]
 
         for block in self.double_blocks:
             img, txt = self.run_block(block, img, txt, vec, pe)
