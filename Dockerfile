@@ -14,12 +14,12 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 
 WORKDIR /workspace/flux-nemo
 
-# 1) Freeze the image's own CUDA stack as pip constraints. The NGC torch / TE / apex / DALI / triton /
-#    NVIDIA libraries are built for this CUDA; pip must never swap them for PyPI wheels (pyproject pins
-#    torch==2.13.0 for the CPU venv, which is NOT what the image ships). With these constraints, a dependency
-#    that would need a different torch fails the build loudly instead of silently reinstalling torch.
+# 1) Freeze the image's own CUDA stack as pip constraints. The NGC torch / TE / apex / DALI / triton / NVIDIA
+#    libraries are built for this CUDA (and against this numpy); pip must never swap them for PyPI wheels.
+#    pyproject pins torch==2.13.0 for the CPU venv, which is NOT what the image ships. With these constraints a
+#    dependency that would need a different torch fails the build loudly instead of silently replacing torch.
 RUN python -m pip list --format=freeze \
-      | grep -iE '^(torch|torchvision|torchaudio|transformer[-_]engine[^=]*|apex|nvidia[-_]dali[^=]*|triton|flash[-_]attn|pytorch[-_]triton|nvidia-[^=]*)==' \
+      | grep -iE '^(torch|torchvision|torchaudio|transformer[-_]engine[^=]*|apex|nvidia[-_]dali[^=]*|triton|flash[-_]attn|pytorch[-_]triton|numpy|nvidia-[^=]*)==' \
       > /tmp/ngc-constraints.txt \
  && cat /tmp/ngc-constraints.txt
 
