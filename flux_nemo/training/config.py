@@ -1,0 +1,250 @@
+"""Typed schema of the Hydra config in ``conf/`` (structured configs: a typo or a wrong type fails, naming the key).
+
+``conf/flux_schnell.yaml`` starts its defaults list with ``flux_schnell_schema`` (stored here in Hydra's
+ConfigStore), so every group file and every command-line override is merged into these dataclasses.
+Import this module before Hydra composes (the recipe and the demo do).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from nemo.utils.exp_manager import CallbackParams, ExpManagerConfig
+from omegaconf import MISSING, DictConfig
+
+
+@dataclass
+class ModelConfig:
+    """``model=tiny | schnell``: a flavor of ``FluxConfig`` plus field overrides (``None`` = flavor default)."""
+
+    flavor: str = MISSING
+    backend: str = "auto"  # "te" (Transformer Engine, GPU) | "local" (torch modules) | "auto": te if CUDA
+    in_channels: int | None = None
+    vec_in_dim: int | None = None
+    context_in_dim: int | None = None
+    hidden_size: int | None = None
+    num_attention_heads: int | None = None
+    mlp_ratio: float | None = None
+    num_double_blocks: int | None = None
+    num_single_blocks: int | None = None
+    axes_dim: list[int] | None = None
+    theta: int | None = None
+    qkv_bias: bool | None = None
+
+
+@dataclass
+class SyntheticConfig:
+    """Shape and size of generated data (``data=synthetic``); written once to the data paths if missing."""
+
+    num_train: int = 4096
+    num_eval: int = 1024
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    """``data=preprocessed | synthetic | raw``: the official preprocessed record format on disk."""
+
+    kind: str = "preprocessed"
+    train_path: str = MISSING
+    eval_path: str = MISSING
+    empty_encodings_path: str = MISSING
+    format: str = "auto"  # "arrow" | "webdataset" | "auto"
+    num_workers: int = 2
+    t5_len: int = 256  # T5 tokens per sample
+    latent_size: int = 32  # VAE latent height = width (256 px / 8)
+    synthetic: SyntheticConfig | None = None
+    raw: dict[str, Any] | None = None
+
+
+@dataclass
+class PrecisionConfig:
+    """``precision=bf16 | fp8_delayed | fp8_current | fp8_block | fp32``."""
+
+    name: str = "bf16"
+    compute_dtype: str = "bf16"  # dtype of activations and of the Megatron model params ("bf16" | "fp32")
+    fp8: str | None = None  # Transformer Engine recipe: "delayed" | "current" | "block" | None
+    fp8_format: str = "hybrid"
+    fp8_amax_history_len: int = 1024
+    fp8_amax_compute_algo: str = "max"
+    grad_reduce_in_fp32: bool = True
+    # MLPerf 6.1 disclosure keys (lowest precision in linear layers, attention, communication)
+    mlperf_linear: str = "bfloat16"
+    mlperf_attn: str = "bfloat16"
+    mlperf_comm: str = "fp32"
+
+
+@dataclass
+class ParallelConfig:
+    """``parallel=dp | tp2 | ...``: Megatron parallelism and the distributed optimizer."""
+
+    tensor_model_parallel_size: int = 1
+    context_parallel_size: int = 1
+    sequence_parallel: bool = False
+    recompute: str = "none"  # "none" | "block"
+    cuda_graph: str = "none"  # "none" | "full_iteration"
+    use_distributed_optimizer: bool = True
+    overlap_grad_reduce: bool = True
+    overlap_param_gather: bool = True
+    bucket_size: int | None = None
+    num_distributed_optimizer_instances: int = 1
+
+
+@dataclass
+class SystemConfig:
+    """``system=<preset>``: the machine a run targets (consumed by ``trainer`` and the launcher)."""
+
+    name: str = "single"
+    accelerator: str = "auto"  # "cpu" | "gpu" | "auto"
+    devices: int = 1  # processes (GPUs) per node
+    num_nodes: int = 1
+    platform: str = "unspecified"  # MLPerf submission_platform
+
+
+@dataclass
+class RcpPoint:
+    """One reference convergence point: base learning rate and linear warmup steps."""
+
+    lr: float = MISSING
+    warmup_steps: int = MISSING
+
+
+@dataclass
+class MLPerfConfig:
+    """``mlperf=flux1``: target, MLPerf log and the RCP table ``global batch size -> (lr, warmup)``."""
+
+    target: float = 0.586
+    log_file: str | None = None
+    submission_org: str = "flux-nemo"
+    submission_division: str = "closed"
+    submission_status: str = "onprem"
+    train_samples: int = 1_099_776
+    eval_samples: int = 29_696
+    rcp_hparams: dict[int, RcpPoint] = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    """Batch sizes, schedule, evaluation cadence and seeding of the MLPerf run."""
+
+    global_batch_size: int = 512
+    micro_batch_size: int = 16
+    eval_micro_batch_size: int = 16
+    max_steps: int = 30_000
+    eval_every_samples: int = 262_144
+    lr: float | None = None  # None: from mlperf.rcp_hparams
+    warmup_steps: int | None = None  # None: from mlperf.rcp_hparams
+    cfg_dropout: float = 0.1
+    seed: int | None = None  # None: fresh from /dev/urandom (logged once via MLPerf "seed")
+    log_every_n_steps: int = 10
+    synthetic_warmup_steps: int = 2  # untimed steps before run_start (weights unchanged)
+    checkpoint_on_stop: bool = True  # save on SIGTERM/SIGUSR1 and on a non-finite loss
+
+
+@dataclass
+class TrainerConfig:
+    """Lightning ``Trainer`` arguments we expose (the rest is fixed by the recipe)."""
+
+    accelerator: str = "${system.accelerator}"
+    devices: int = "${system.devices}"  # type: ignore[assignment]
+    num_nodes: int = "${system.num_nodes}"  # type: ignore[assignment]
+    enable_progress_bar: bool = False
+    benchmark: bool = False
+
+
+def _exp_manager_defaults() -> ExpManagerConfig:
+    # keep the newest checkpoint every 1000 steps (the reference's interval) and at the end; never on the eval path
+    ckpt = CallbackParams(
+        monitor="step",
+        mode="max",
+        save_top_k=1,
+        save_last=True,
+        every_n_epochs=None,
+        every_n_train_steps=1000,
+        save_nemo_on_train_end=False,
+    )
+    return ExpManagerConfig(
+        exp_dir="results/nemo_experiments",
+        name="flux1",
+        use_datetime_version=False,
+        resume_if_exists=False,
+        resume_ignore_no_checkpoint=True,
+        checkpoint_callback_params=ckpt,
+        log_tflops_per_sec_per_gpu=False,
+        log_step_timing=False,
+        disable_validation_on_resume=False,
+        seconds_to_sleep=0,
+    )
+
+
+@dataclass
+class FluxRunConfig:
+    """The whole run: what ``python recipes/flux_schnell.py --cfg job`` prints."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    system: SystemConfig = field(default_factory=SystemConfig)
+    mlperf: MLPerfConfig = field(default_factory=MLPerfConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    exp_manager: ExpManagerConfig = field(default_factory=_exp_manager_defaults)
+    launcher: dict[str, Any] = field(default_factory=dict)
+
+
+def register() -> None:
+    """Store the schema as ``flux_schnell_schema`` (idempotent)."""
+    ConfigStore.instance().store(name="flux_schnell_schema", node=FluxRunConfig)
+
+
+register()
+
+
+def resolve_lr_warmup(cfg: DictConfig) -> tuple[float, int]:
+    """``(lr, warmup_steps)``: ``train.lr``/``train.warmup_steps`` if both set, else the RCP row of the GBS."""
+    train, gbs = cfg.train, int(cfg.train.global_batch_size)
+    row = cfg.mlperf.rcp_hparams.get(gbs)
+    if train.lr is not None and train.warmup_steps is not None:
+        return float(train.lr), int(train.warmup_steps)
+    if row is None:
+        table = ", ".join(str(k) for k in cfg.mlperf.rcp_hparams)
+        raise ValueError(
+            f"train.global_batch_size={gbs} has no MLPerf RCP entry (mlperf.rcp_hparams has {table}); "
+            "set train.lr and train.warmup_steps explicitly"
+        )
+    lr = float(row.lr) if train.lr is None else float(train.lr)
+    warmup = int(row.warmup_steps) if train.warmup_steps is None else int(train.warmup_steps)
+    return lr, warmup
+
+
+def data_parallel_size(cfg: DictConfig, world_size: int) -> int:
+    """Data-parallel size of a world of ``world_size`` ranks (TP and CP ranks share a data shard)."""
+    model_parallel = cfg.parallel.tensor_model_parallel_size * cfg.parallel.context_parallel_size
+    if world_size % model_parallel:
+        raise ValueError(
+            f"world size {world_size} is not a multiple of parallel.tensor_model_parallel_size x "
+            f"parallel.context_parallel_size = {model_parallel}"
+        )
+    return world_size // model_parallel
+
+
+def check_batch_sizes(cfg: DictConfig, dp_size: int) -> int:
+    """Micro-batches per rank and step; fails naming the keys when the batch sizes do not divide."""
+    gbs, mbs = cfg.train.global_batch_size, cfg.train.micro_batch_size
+    if gbs < 1 or mbs < 1 or gbs % (mbs * dp_size):
+        raise ValueError(
+            f"train.global_batch_size={gbs} must be a positive multiple of train.micro_batch_size={mbs} x "
+            f"data-parallel size {dp_size}"
+        )
+    return gbs // (mbs * dp_size)
+
+
+def eval_every_steps(cfg: DictConfig) -> int:
+    """Optimizer steps between evaluations: ``ceil(train.eval_every_samples / train.global_batch_size)``."""
+    if cfg.train.eval_every_samples < 1:
+        raise ValueError(f"train.eval_every_samples must be >= 1, got {cfg.train.eval_every_samples}")
+    return math.ceil(cfg.train.eval_every_samples / cfg.train.global_batch_size)

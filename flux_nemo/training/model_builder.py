@@ -1,0 +1,53 @@
+"""Build the Flux network from ``cfg.model`` / ``cfg.precision`` (and its Megatron wrapping on GPU)."""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from flux_nemo.model import FluxConfig, build_flux
+
+_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+_NON_FIELDS = ("flavor", "backend")
+
+
+def compute_dtype(cfg: DictConfig) -> torch.dtype:
+    """Activation dtype of ``precision.compute_dtype`` (``bf16`` or ``fp32``)."""
+    name = cfg.precision.compute_dtype
+    if name not in _DTYPES:
+        raise ValueError(f"precision.compute_dtype={name!r}; expected one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def flux_config(cfg: DictConfig) -> FluxConfig:
+    """``FluxConfig.from_flavor(model.flavor, **model fields that are set)`` plus precision/parallel fields."""
+    fields = {
+        k: v for k, v in OmegaConf.to_container(cfg.model).items() if k not in _NON_FIELDS and v is not None
+    }
+    if "axes_dim" in fields:
+        fields["axes_dim"] = tuple(fields["axes_dim"])
+    par = cfg.parallel
+    fields.update(
+        tensor_model_parallel_size=par.tensor_model_parallel_size,
+        context_parallel_size=par.context_parallel_size,
+        sequence_parallel=par.sequence_parallel,
+    )
+    if torch.cuda.is_available() and compute_dtype(cfg) == torch.bfloat16:
+        fields.update(bf16=True, params_dtype=torch.float32)  # Megatron's Float16Module casts to bf16
+    return FluxConfig.from_flavor(cfg.model.flavor, **fields)
+
+
+def backend(cfg: DictConfig) -> str:
+    """``model.backend``, with ``auto`` = Transformer Engine on GPU, local torch modules on CPU."""
+    name = cfg.model.backend
+    if name == "auto":
+        return "te" if torch.cuda.is_available() else "local"
+    if name not in ("te", "local"):
+        raise ValueError(f"model.backend={name!r}; expected 'te', 'local' or 'auto'")
+    return name
+
+
+def build_model(cfg: DictConfig, device: torch.device) -> torch.nn.Module:
+    """The initialised Flux network on ``device`` (fp32 parameters: master weights on CPU)."""
+    model = build_flux(flux_config(cfg), backend=backend(cfg))
+    return model.to(device)

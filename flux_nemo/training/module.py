@@ -1,0 +1,174 @@
+"""``FluxTrainingModule``: the MLPerf flux1 training and evaluation steps as a manual-optimization LightningModule.
+
+One Lightning batch is one optimizer step: the rank's ``global_batch_size / dp`` samples, split into micro-batches
+of ``train.micro_batch_size`` whose gradients accumulate (synchronised on the last one). Metrics stay on the device
+and are read only at log intervals and evaluations (``pop_train_metrics``, ``eval_result``): a step has no host sync.
+The network itself (``self.flux``) is built in ``configure_model``, after the strategy has set up Megatron's
+parallel state, and wrapped by the strategy (Megatron DDP on GPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from omegaconf import DictConfig
+
+from flux_nemo import flow_matching as fm
+from flux_nemo.training.config import check_batch_sizes, resolve_lr_warmup
+from flux_nemo.training.data import build_loaders, load_empty, record_shapes
+from flux_nemo.training.model_builder import build_model, compute_dtype
+from flux_nemo.training.optim import set_lr, warmup_constant_lr
+
+log = logging.getLogger(__name__)
+
+
+class FluxTrainingModule(pl.LightningModule):
+    """Flux.1 rectified-flow training (reference objective, ``flux_nemo.flow_matching``) and validation loss."""
+
+    def __init__(self, cfg: DictConfig):
+        super().__init__()
+        self.automatic_optimization = False
+        self.cfg = cfg
+        self.lr, self.warmup_steps = resolve_lr_warmup(cfg)
+        self.dtype_compute = compute_dtype(cfg)
+        self.flux: torch.nn.Module | None = None
+        self.empty: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.loader_state: dict | None = None  # train-loader position restored from a checkpoint
+        self._train_loader = None
+        self._reset_train_metrics()
+        self._reset_eval_metrics()
+
+    # ------------------------------------------------------------------ build
+    def configure_model(self) -> None:
+        """Build and initialise the network (same seed on every rank), then seed the training RNG per dp rank."""
+        if self.flux is not None:
+            return
+        seed = self.trainer.strategy.seed
+        torch.manual_seed(seed)
+        self.flux = build_model(self.cfg, self.device)
+        self.empty = load_empty(self.cfg, self.flux.config, self.device)
+        torch.manual_seed(seed + parallel_state.get_data_parallel_rank())
+        dp = parallel_state.get_data_parallel_world_size()
+        self.num_micro_batches = check_batch_sizes(self.cfg, dp)
+        self.local_batch_size = self.cfg.train.global_batch_size // dp
+
+    def configure_optimizers(self):
+        """Built by the strategy once it has wrapped the model (Megatron optimizer on GPU, AdamW on CPU)."""
+        return self.trainer.strategy.build_optimizer()
+
+    def train_dataloader(self):
+        self._train_loader, _ = build_loaders(self.cfg, self.flux.config, self.local_batch_size, train=True)
+        if self.loader_state is not None:
+            self._train_loader.load_state_dict(self.loader_state)
+        return self._train_loader
+
+    def val_dataloader(self):
+        _, loader = build_loaders(self.cfg, self.flux.config, self.local_batch_size, train=False)
+        return loader
+
+    @property
+    def shapes(self):
+        return record_shapes(self.cfg, self.flux.config)
+
+    # ------------------------------------------------------------------ training
+    def autocast(self):
+        """bf16 autocast for the CPU path (fp32 master weights); on GPU the params are already bf16 (Megatron)."""
+        enabled = self.device.type == "cpu" and self.dtype_compute == torch.bfloat16
+        return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+
+    def predict(self, inputs: fm.ModelInputs) -> torch.Tensor:
+        with self.autocast():
+            return self.flux(
+                inputs.img, inputs.txt, inputs.y, inputs.timesteps, inputs.img_ids[:1], inputs.txt_ids[:1]
+            )
+
+    def train_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Reference training loss of one micro-batch (fresh posterior sample, CFG dropout, t ~ U[0, 1))."""
+        inputs = fm.training_inputs(batch, self.empty, self.dtype_compute, self.cfg.train.cfg_dropout)
+        return fm.mse_loss(self.predict(inputs), inputs.target)
+
+    def forward_backward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Accumulate the gradient of one step's batch over its micro-batches; returns the mean loss (device)."""
+        strategy = self.trainer.strategy
+        micro = self.cfg.train.micro_batch_size
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        chunks = [
+            {k: v[i : i + micro] for k, v in batch.items()} for i in range(0, len(batch["mean"]), micro)
+        ]
+        strategy.zero_grad()
+        total = torch.zeros((), device=self.device)
+        for i, chunk in enumerate(chunks):
+            with strategy.grad_sync(enabled=i == len(chunks) - 1):
+                loss = self.train_loss(chunk)
+                self.manual_backward(loss / len(chunks))
+            total += loss.detach()
+        strategy.finish_grad_sync()
+        return total / len(chunks)
+
+    def training_step(self, batch, batch_idx):
+        step = self.trainer.global_step + 1
+        set_lr(self.optimizers().optimizer, warmup_constant_lr(step, self.lr, self.warmup_steps))
+        loss = self.forward_backward(batch)
+        grad_norm = self.optimizers().step()
+        self._loss_sum += loss
+        self._grad_norm_sum += grad_norm
+        self._window_steps += 1
+
+    def _reset_train_metrics(self) -> None:
+        device = self.device if self.flux is not None else None
+        self._loss_sum = torch.zeros((), device=device)
+        self._grad_norm_sum = torch.zeros((), device=device)
+        self._window_steps = 0
+
+    def pop_train_metrics(self) -> dict[str, float] | None:
+        """Mean loss (data-parallel mean) and grad norm since the last call; the one host sync per log interval."""
+        if self._window_steps == 0:
+            return None
+        stats = torch.stack([self._loss_sum, self._grad_norm_sum]) / self._window_steps
+        if dist.is_initialized():
+            dist.all_reduce(stats, group=parallel_state.get_data_parallel_group())
+            stats /= parallel_state.get_data_parallel_world_size()
+        loss, grad_norm = stats.tolist()
+        self._reset_train_metrics()
+        return {"loss": loss, "grad_norm": grad_norm}
+
+    # ------------------------------------------------------------------ evaluation
+    def _reset_eval_metrics(self) -> None:
+        device = self.device if self.flux is not None else None
+        self._eval_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self._eval_count = torch.zeros((), dtype=torch.float64, device=device)
+
+    def on_validation_epoch_start(self) -> None:
+        self._reset_eval_metrics()
+
+    def validation_step(self, batch, batch_idx):
+        """Per-sample MSE at t = timestep / 8 (no dropout, fresh noise); padding rows never count."""
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        inputs = fm.eval_inputs(batch, self.dtype_compute)
+        per_sample = fm.per_sample_mse(self.predict(inputs), inputs.target)
+        valid = batch["valid"].to(torch.float64)
+        self._eval_sum += (per_sample.double() * valid).sum()
+        self._eval_count += valid.sum()
+
+    def eval_result(self) -> tuple[float, int]:
+        """(mean per-sample loss, sample count) over all data-parallel ranks (one host sync per evaluation)."""
+        stats = torch.stack([self._eval_sum, self._eval_count])
+        if dist.is_initialized():
+            dist.all_reduce(stats, group=parallel_state.get_data_parallel_group())
+        total, count = stats.tolist()
+        if count == 0:
+            raise RuntimeError(f"evaluation saw no valid samples ({self.cfg.data.eval_path})")
+        return total / count, int(count)
+
+    # ------------------------------------------------------------------ checkpoint extras
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self._train_loader is not None:
+            checkpoint["train_loader"] = self._train_loader.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.loader_state = checkpoint.get("train_loader")

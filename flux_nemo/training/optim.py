@@ -1,0 +1,90 @@
+"""AdamW as the MLPerf rules fix it, and the reference learning-rate schedule.
+
+AdamW: betas (0.9, 0.95), eps 1e-8, weight decay 0.1 on EVERY parameter (biases and norm weights too, as the
+reference's single param group does), global-L2 gradient clipping at 1.0. Schedule: ``lr * k / W`` at optimizer
+step k = 1..W, then ``lr`` (no decay).
+
+On GPU this is Megatron's optimizer (``get_megatron_optimizer``: fp32 main params, distributed optimizer); on CPU
+a torch ``AdamW`` over the fp32 parameters. Both are driven through :func:`set_lr` and the strategy's
+``optimizer_step``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from flux_nemo.mlperf import constants as C
+
+
+def warmup_constant_lr(step: int, lr: float, warmup_steps: int) -> float:
+    """Learning rate of optimizer step ``step`` (1-based): linear warmup over ``warmup_steps``, then constant."""
+    if step < 1:
+        raise ValueError(f"optimizer steps are 1-based, got {step}")
+    if warmup_steps <= 0 or step >= warmup_steps:
+        return lr
+    return lr * step / warmup_steps
+
+
+def set_lr(optimizer, lr: float) -> None:
+    """Set the learning rate of every param group (torch and Megatron optimizers alike)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def build_torch_adamw(params, lr: float) -> torch.optim.AdamW:
+    """The CPU optimizer: torch AdamW with the fixed MLPerf hyper-parameters, one param group (all decayed)."""
+    return torch.optim.AdamW(
+        list(params),
+        lr=lr,
+        betas=(C.ADAMW_BETA_1, C.ADAMW_BETA_2),
+        eps=C.ADAMW_EPSILON,
+        weight_decay=C.ADAMW_WEIGHT_DECAY,
+        foreach=True,
+    )
+
+
+def clip_and_step(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> torch.Tensor:
+    """Clip the global L2 grad norm to 1.0 and step; returns the pre-clip norm as a device tensor (no sync)."""
+    norm = torch.nn.utils.clip_grad_norm_(params, C.GRADIENT_CLIP_NORM, foreach=True)
+    optimizer.step()
+    return norm
+
+
+def megatron_optimizer_config(lr: float, compute_dtype: torch.dtype, use_distributed_optimizer: bool, **kw):
+    """``OptimizerConfig`` of the MLPerf AdamW (Megatron ``optimizer="adam"`` with decoupled weight decay)."""
+    from megatron.core.optimizer import OptimizerConfig
+
+    return OptimizerConfig(
+        optimizer="adam",
+        lr=lr,
+        min_lr=0.0,
+        weight_decay=C.ADAMW_WEIGHT_DECAY,
+        decoupled_weight_decay=True,
+        adam_beta1=C.ADAMW_BETA_1,
+        adam_beta2=C.ADAMW_BETA_2,
+        adam_eps=C.ADAMW_EPSILON,
+        clip_grad=C.GRADIENT_CLIP_NORM,
+        bf16=compute_dtype == torch.bfloat16,
+        params_dtype=compute_dtype,
+        use_distributed_optimizer=use_distributed_optimizer,
+        **kw,
+    )
+
+
+def build_megatron_optimizer(model_chunks: list, config):
+    """Megatron optimizer over Megatron-DDP-wrapped chunks, weight decay on all params (GPU only).
+
+    ``config_overrides={}`` replaces Megatron's default overrides, which would exempt biases and 1-D params
+    from weight decay (``get_standard_config_overrides``); the reference decays everything.
+    """
+    from megatron.core.optimizer import get_megatron_optimizer
+
+    return get_megatron_optimizer(config, model_chunks, config_overrides={})
+
+
+def inner_optimizers(optimizer) -> list[torch.optim.Optimizer]:
+    """The torch optimizers holding the state: itself, or those inside a (chained) Megatron optimizer."""
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return [optimizer]
+    chained = getattr(optimizer, "chained_optimizers", [optimizer])
+    return [o.optimizer for o in chained]

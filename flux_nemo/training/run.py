@@ -1,0 +1,134 @@
+"""One MLPerf flux1 training run from a composed config: MLPerf init_start, trainer + exp_manager, fit, result."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from nemo.utils.exp_manager import exp_manager
+from omegaconf import DictConfig
+
+from flux_nemo.mlperf.logger import MLPerfLogger, global_rank
+from flux_nemo.training.callbacks import MLPerfRunCallback
+from flux_nemo.training.config import eval_every_steps
+from flux_nemo.training.data import ensure_synthetic_data, record_shapes
+from flux_nemo.training.flops import flops_per_sample
+from flux_nemo.training.model_builder import flux_config
+from flux_nemo.training.module import FluxTrainingModule
+from flux_nemo.training.strategy import MegatronStrategy
+
+log = logging.getLogger("flux_nemo.train")
+
+
+@dataclass
+class RunResult:
+    """What a run reports: MLPerf status, time to train (run_start -> run_stop), evaluations, directories."""
+
+    status: str
+    time_to_train_s: float
+    steps: int
+    evals: list[tuple[int, float]] = field(default_factory=list)
+    log_dir: str | None = None
+    mlperf_log: str | None = None
+
+    @property
+    def final_eval(self) -> float | None:
+        return self.evals[-1][1] if self.evals else None
+
+
+def _setup_logging(log_dir: Path | None) -> None:
+    """Progress on stdout (rank 0) and a per-rank log file in the run directory."""
+    logger = logging.getLogger("flux_nemo")
+    logger.setLevel(logging.INFO)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    if global_rank() == 0 and not any(getattr(h, "_flux_stdout", False) for h in logger.handlers):
+        handler = logging.StreamHandler()
+        handler._flux_stdout = True
+        handler.setFormatter(fmt)
+        logger.addHandler(handler)
+    if log_dir is not None:
+        handler = logging.FileHandler(log_dir / f"flux_log_globalrank-{global_rank()}.txt")
+        handler.setFormatter(fmt)
+        logger.addHandler(handler)
+    logger.propagate = False
+
+
+def _prepare_data(cfg: DictConfig) -> None:
+    """``data=synthetic``: rank 0 writes the data if missing; other ranks wait for it (pre-init, untimed)."""
+    if cfg.data.kind != "synthetic":
+        return
+    marker = Path(cfg.data.empty_encodings_path) / "clip_empty.npy"
+    if global_rank() == 0:
+        ensure_synthetic_data(cfg, record_shapes(cfg, flux_config(cfg)))
+    deadline = time.time() + 600
+    while not marker.exists():
+        if time.time() > deadline:
+            raise TimeoutError(f"synthetic data did not appear at {marker}")
+        time.sleep(1)
+
+
+def build_trainer(cfg: DictConfig, callbacks: list) -> pl.Trainer:
+    """Lightning trainer with our Megatron strategy; evaluation every ``ceil(eval_every_samples / GBS)`` steps."""
+    accelerator = cfg.trainer.accelerator
+    if accelerator == "auto":
+        accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    backend = "nccl" if accelerator == "gpu" else "gloo"
+    return pl.Trainer(
+        accelerator=accelerator,
+        devices=cfg.trainer.devices,
+        num_nodes=cfg.trainer.num_nodes,
+        strategy=MegatronStrategy(cfg, process_group_backend=backend),
+        max_steps=cfg.train.max_steps,
+        max_epochs=-1,
+        val_check_interval=eval_every_steps(cfg),
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=cfg.trainer.enable_progress_bar,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        log_every_n_steps=cfg.train.log_every_n_steps,
+        benchmark=cfg.trainer.benchmark,
+        callbacks=callbacks,
+    )
+
+
+def run(cfg: DictConfig, config_filename: str = "conf/flux_schnell.yaml") -> RunResult:
+    """Train until the first evaluation at or below ``mlperf.target`` (or ``train.max_steps``)."""
+    _setup_logging(None)
+    _prepare_data(cfg)
+    mllogger = MLPerfLogger(cfg.mlperf.log_file)
+    mllogger.init_start()  # before the model is built
+    model_config = flux_config(cfg)
+    shapes = record_shapes(cfg, model_config)
+    img_tokens = (shapes.latent_size // 2) ** 2
+    flops = flops_per_sample(model_config, img_tokens, shapes.t5_len)
+    callback = MLPerfRunCallback(cfg, mllogger, flops, eval_every_steps(cfg), config_filename)
+    trainer = build_trainer(cfg, [callback])
+    log_dir = exp_manager(trainer, cfg.exp_manager)
+    _setup_logging(Path(log_dir) if log_dir else None)
+    log.info(
+        "run: GBS %d, evaluation every %d steps, %.4g TFLOP/sample, MLPerf log %s, run dir %s",
+        cfg.train.global_batch_size,
+        eval_every_steps(cfg),
+        flops / 1e12,
+        cfg.mlperf.log_file,
+        log_dir,
+    )
+    trainer.fit(FluxTrainingModule(cfg))
+    callback.finish(trainer)
+    return RunResult(
+        status=callback.status,
+        time_to_train_s=getattr(callback, "run_stop", time.time())
+        - getattr(callback, "run_start", time.time()),
+        steps=trainer.global_step,
+        evals=callback.evals,
+        log_dir=str(log_dir) if log_dir else None,
+        mlperf_log=os.fspath(cfg.mlperf.log_file) if cfg.mlperf.log_file else None,
+    )
