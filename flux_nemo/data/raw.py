@@ -33,7 +33,7 @@ class RawLoader:
     ``train=True``: the rank's contiguous chunk, in order, forever (wrapping at its end); full batches;
     ``state_dict()`` / ``load_state_dict()`` restore the position exactly (same dp world required).
     ``train=False``: one pass per ``iter()``; every rank yields ``len(self)`` batches, padded with
-    ``valid=False`` rows (copies of a real sample) so that all ranks run the same number of batches.
+    ``valid=False`` rows (copies of a real sample, timestep 0) so that all ranks run the same number of batches.
     """
 
     def __init__(
@@ -56,20 +56,29 @@ class RawLoader:
         self.start, self.stop = contiguous_range(len(shards), dp_rank, dp_world)
         if train and self.stop == self.start:
             raise ValueError(f"rank {dp_rank} of {dp_world} has no training samples ({len(shards)} in all)")
-        self.sample_idx = 0  # train: samples consumed so far
+        self.samples_seen = 0  # train: samples handed out so far
         self._it: Iterator[RawSample] | None = None
 
     # ---- state (train) ----
     def state_dict(self) -> dict:
-        return {"sample_idx": self.sample_idx, "dp_world": self.dp_world, "num_samples": len(self.shards)}
+        """Same keys as the preprocessed ``TrainLoader``: samples handed out, position in the chunk, dp layout."""
+        n = self.stop - self.start
+        return {
+            "samples_seen": self.samples_seen,
+            "position": self.samples_seen % n if n else 0,
+            "dp_rank": self.dp_rank,
+            "dp_world": self.dp_world,
+            "num_samples": len(self.shards),
+        }
 
     def load_state_dict(self, state: Mapping) -> None:
-        if state["dp_world"] != self.dp_world or state["num_samples"] != len(self.shards):
+        saved = (state.get("dp_rank"), state.get("dp_world"), state.get("num_samples"))
+        if saved != (self.dp_rank, self.dp_world, len(self.shards)):
             raise ValueError(
-                f"cannot resume: saved with dp_world {state['dp_world']} over {state['num_samples']} samples, "
-                f"now dp_world {self.dp_world} over {len(self.shards)}"
+                f"cannot resume: state of dp rank {saved[0]}/{saved[1]} over {saved[2]} samples, "
+                f"this loader is dp rank {self.dp_rank}/{self.dp_world} over {len(self.shards)}"
             )
-        self.sample_idx = int(state["sample_idx"])
+        self.samples_seen = int(state["samples_seen"])
         self._it = None
 
     # ---- iteration ----
@@ -86,7 +95,7 @@ class RawLoader:
 
     def _forever(self) -> Iterator[RawSample]:
         n = self.stop - self.start
-        pos = self.sample_idx % n
+        pos = self.samples_seen % n
         while True:
             yield from self.shards.iter_range(self.start + pos, self.stop)
             pos = 0
@@ -97,7 +106,7 @@ class RawLoader:
         if self._it is None:
             self._it = self._forever()
         samples = [next(self._it) for _ in range(self.batch_size)]
-        self.sample_idx += len(samples)
+        self.samples_seen += len(samples)
         return self.encode_batch(samples, [True] * len(samples))
 
     def _eval_batches(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -117,7 +126,8 @@ class RawLoader:
         images = self.decoder([s.image for s in samples], names=[s.where for s in samples])
         batch = self.encoders.encode([s.caption for s in samples], images)
         dev = batch["t5"].device
-        ts = [s.timestep(self.require_timestep and v) for s, v in zip(samples, valid, strict=True)]
+        # padding rows (eval only) carry timestep 0, as the preprocessed EvalLoader's
+        ts = [s.timestep(self.require_timestep) if v else 0 for s, v in zip(samples, valid, strict=True)]
         batch["timestep"] = torch.tensor(ts, dtype=torch.int64, device=dev)
         batch["valid"] = torch.tensor(list(valid), dtype=torch.bool, device=dev)
         return batch

@@ -134,6 +134,9 @@ def test_eval_loader_pads_and_keeps_timesteps(tmp_path, encoders):
         assert len(batches) == len(loader) == 2  # every rank the same number of batches
         for b in batches:
             seen += [t for t, v in zip(b["timestep"].tolist(), b["valid"].tolist(), strict=True) if v]
+            assert all(
+                t == 0 for t, v in zip(b["timestep"].tolist(), b["valid"].tolist(), strict=True) if not v
+            )
         valid = torch.cat([b["valid"] for b in batches]).tolist()
         assert valid == ([True, True, True, False] if rank == 0 else [True, True, False, False])
         first = samples[0:2] if rank == 0 else samples[3:5]
