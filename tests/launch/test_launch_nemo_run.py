@@ -193,3 +193,27 @@ def test_local_launch_runs_torchrun_ranks(tmp_path):
         assert r["model"] == {"name": "tiny", "axes_dim": [8, 28, 28], "note": "a b"}
         assert r["max_steps"] == 7
         assert r["system"] == {"num_nodes": 1, "devices": 2}
+
+
+def test_local_dryrun_prints_torchrun_and_the_job_script(tmp_path):
+    text = _run_app(
+        [
+            "launcher=local",
+            "launcher.dryrun=true",
+            "launcher.gpus_per_node=4",
+            f"launcher.job_dir={tmp_path}",
+            "train.max_steps=3",
+        ],
+        cwd=tmp_path,
+    )
+    lines = _lines(text)
+    # NeMo-Run prints the torchrun AppDef's argument list one item per line.
+    args = [line.rstrip(",") for line in lines if line.startswith("'")]
+    assert "'--nproc-per-node'" in args, text
+    assert args[args.index("'--nproc-per-node'") + 1] == "'4'", text
+    assert f"cd {tmp_path}" in lines
+    job = [line for line in lines if line.startswith("exec ")]
+    assert job == [
+        f"exec {sys.executable} {tmp_path / 'recipes' / 'flux_schnell.py'} train.max_steps=3 "
+        "system.num_nodes=1 system.devices=4 launcher=none"
+    ], text
