@@ -4,14 +4,16 @@ Writes N official-format records to a temporary directory on local disk, reads t
 cache, then times the train loader (N workers, pinned memory and non-blocking copies when CUDA is present) and
 prints samples/s. Results go to docs/PERFORMANCE.md, section "## Data loader".
 
-    .venv/bin/python bench/data_loader.py --records 512 --batch 16 --workers 2 --epochs 3 [--format arrow]
+    .venv/bin/python bench/data_loader.py --records 512 --batch 16 --workers 2 --epochs 1 --repeats 5 [--format arrow]
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import os
 import platform
+import statistics
 import tempfile
 import time
 
@@ -46,6 +48,7 @@ def main() -> None:
     ap.add_argument(
         "--epochs", type=int, default=3, help="timed passes over the records (after one warm pass)"
     )
+    ap.add_argument("--repeats", type=int, default=5, help="timed repetitions; the median is reported")
     ap.add_argument("--format", choices=["arrow", "webdataset"], default="arrow")
     ap.add_argument("--dir", default=None, help="parent of the temporary directory (default: system temp)")
     args = ap.parse_args()
@@ -76,25 +79,27 @@ def main() -> None:
         for _ in range(per_epoch):  # warm pass: page cache and worker start-up
             next(it)
         n_batches = per_epoch * args.epochs
-        checksum = 0
-        t0 = time.perf_counter()
-        for _ in range(n_batches):
-            batch = next(it)
+        rates, checksum = [], 0
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            for _ in range(n_batches):
+                batch = next(it)
+                if cuda:
+                    batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
+                checksum += int(batch["timestep"].sum())
             if cuda:
-                batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
-            checksum += int(batch["timestep"].sum())
-        if cuda:
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
+                torch.cuda.synchronize()
+            rates.append(n_batches * args.batch / (time.perf_counter() - t0))
         del it
-    n = n_batches * args.batch
+    gib = OFFICIAL_SHAPES.record_bytes() / 2**30
     print(
         f"format={args.format} records={args.records} batch={args.batch} workers={args.workers} "
-        f"cuda={cuda} host={platform.node()} cpus={torch.get_num_threads()}"
+        f"cuda={cuda} host={platform.node()} cpus={os.cpu_count()} load1={os.getloadavg()[0]:.1f}"
     )
+    med = statistics.median(rates)
     print(
-        f"{n} samples in {dt:.2f} s: {n / dt:.0f} samples/s ({n * OFFICIAL_SHAPES.record_bytes() / dt / 2**30:.2f} GiB/s)"
-        f" [checksum {checksum}]"
+        f"{args.repeats} x {n_batches * args.batch} samples: median {med:.0f} samples/s ({med * gib:.2f} GiB/s), "
+        f"min {min(rates):.0f}, max {max(rates):.0f} [checksum {checksum}]"
     )
 
 

@@ -279,8 +279,11 @@ class _TarShard:
             d = json.loads(bytes(self.mm[off : off + size]))
         except ValueError as e:
             raise ValueError(f"{self.path} key {self.keys[i]!r}: corrupt .json member ({e})") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{self.path} key {self.keys[i]!r}: .json member is not an object")
         ts = d.get(TIMESTEP_COLUMN)
-        return str(d.get("key", self.keys[i])), (-1 if ts is None else int(ts))
+        key = next((d[k] for k in ("key", KEY_COLUMN, "id") if d.get(k) is not None), self.keys[i])
+        return str(key), (-1 if ts is None else int(ts))
 
 
 class WebDatasetSource(_Source):
