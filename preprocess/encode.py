@@ -6,10 +6,10 @@ encoder moments ``mean`` / ``logvar``, all bf16 (``flux_nemo.data.encoders``). I
 DALI (``flux_nemo.data.dali``): ``--dataset coco`` plain-resizes, ``--dataset cc12m`` resizes the short side and
 centre-crops (both are the identity on the 256x256 PNGs of the preprocessing scripts).
 
-Distributed: run under torchrun (NCCL on GPUs, gloo on CPU; plain ``python`` is world size 1). Rank r encodes the
-contiguous chunk r of the samples, split into parts of ``--part-size`` samples, each written as an Arrow
-``save_to_disk`` folder ``<output>.parts/part-<start>-<stop>`` followed by a ``.done`` marker. A rerun skips the
-finished parts (resumable). Any sample count works: the last batch of a part is partial. After a barrier rank 0
+Distributed: run under torchrun (one GPU per rank; the ranks only meet at gloo barriers; plain ``python`` is
+world size 1). Rank r encodes the contiguous chunk r of the samples, split into parts of ``--part-size`` samples,
+each written as an Arrow ``save_to_disk`` folder ``<output>.parts/part-<start>-<stop>`` followed by a ``.done``
+marker. A rerun (same world size) skips the finished parts (resumable). Any sample count works: the last batch of a part is partial. After a barrier rank 0
 merges the parts in sample order into ``<output>`` (via ``flux_nemo.data.format.write_arrow_dataset``): columns
 ``__key__`` (CC12M: the original key; COCO: the image id), ``t5_encodings``, ``clip_encodings``, ``mean``,
 ``logvar`` and, for COCO only, ``timestep`` (int32). ``--wds-output`` also writes the webdataset form.
@@ -22,6 +22,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import logging
 import os
@@ -98,7 +99,8 @@ def _init_distributed() -> tuple[int, int, int]:
     if "MASTER_ADDR" in os.environ and not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(local)
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # only barriers are needed: gloo, with a timeout long enough for the slowest rank's whole chunk
+        dist.init_process_group("gloo", timeout=datetime.timedelta(hours=72))
     return rank, world, local
 
 
@@ -126,7 +128,8 @@ def encode_dataset(a) -> int:
     device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
     shards = RawShards(a.input, require_json=with_timestep)
     n = len(shards)
-    manifest = {"num_samples": n, "part_size": a.part_size, "dataset": a.dataset, "image_size": a.image_size}
+    manifest = {"num_samples": n, "world_size": world, "part_size": a.part_size, "dataset": a.dataset,
+                "image_size": a.image_size}  # fmt: skip
     if rank == 0:
         parts_dir.mkdir(parents=True, exist_ok=True)
         mf = parts_dir / "manifest.json"
