@@ -197,3 +197,15 @@ def test_tar_group_reading_skips_without_reading(tmp_path):
     assert got == [("k2", "c2"), ("k3", "c3")]
     with tarfile.open(shard) as tar:
         assert tar.getnames()[:3] == ["k0.png", "k0.txt", "k1.png"]
+
+
+@pytest.mark.gpu
+def test_mixed_gpu_decode_matches_cpu(tmp_path, enc_paths):
+    """GPU path (DALI ``mixed`` decode, encoders on CUDA): same pixels for 64x64 PNGs, contract on the device."""
+    imgs = [random_image_bytes(64, 64, seed=i) for i in range(3)]
+    gpu = ImageDecoder(64, "crop", max_batch_size=3, device="cuda", num_threads=1)(imgs)
+    cpu = ImageDecoder(64, "crop", max_batch_size=3, device="cpu", num_threads=1)(imgs)
+    assert gpu.is_cuda and torch.equal(gpu.cpu(), cpu)
+    make_set(tmp_path / "cc", 4, coco=False)
+    batch = next(build_raw_train_loader(tmp_path / "cc", enc_paths, 2, image_size=64, device="cuda"))
+    assert all(v.is_cuda for v in batch.values()) and batch["t5"].dtype == torch.bfloat16
