@@ -97,7 +97,7 @@ def test_contiguous_range_matches_datasets_shard():
     assert [contiguous_range(3, r, 4) for r in range(4)] == [(0, 1), (1, 2), (2, 3), (3, 3)]
 
 
-def test_train_loader_batches_order_wrap_and_resume(tmp_path, encoders):
+def test_train_loader_batches_order_wrap_and_resume(tmp_path, encoders, enc_paths):
     samples = make_set(tmp_path / "cc", 7, coco=False)
     loader = build_raw_train_loader(tmp_path / "cc", encoders, 3, dp_rank=0, dp_world=1, image_size=64,
                                     num_threads=1)  # fmt: skip
@@ -117,6 +117,11 @@ def test_train_loader_batches_order_wrap_and_resume(tmp_path, encoders):
     bad = build_raw_train_loader(tmp_path / "cc", encoders, 3, dp_world=2, image_size=64, num_threads=1)
     with pytest.raises(ValueError, match="cannot resume"):
         bad.load_state_dict(state)
+    # encoders given as local folder paths: loaded by the builder, same batches
+    from_paths = build_raw_train_loader(
+        tmp_path / "cc", enc_paths, 3, image_size=64, device="cpu", num_threads=1
+    )
+    assert_batch_equal(next(from_paths), {k: b0[k] for k in ("t5", "clip", "mean", "logvar")})
     # rank 1 of 2 reads the second contiguous chunk (samples 4..6)
     r1 = build_raw_train_loader(
         tmp_path / "cc", encoders, 3, dp_rank=1, dp_world=2, image_size=64, num_threads=1
