@@ -114,6 +114,11 @@ def test_coco_parts_partial_batches_and_resume(tmp_path, tiny_encoder_paths, enc
     assert first.exists() is False and not parts.exists()
     assert datasets.load_from_disk(str(out)).to_dict() == before
     assert encode.main(argv) == 0  # complete: nothing to do
+    (tmp_path / "coco_pre.done").unlink()
+    (parts / "manifest.json").parent.mkdir()
+    (parts / "manifest.json").write_text('{"num_samples": 10, "world_size": 2}')
+    with pytest.raises(ValueError, match="written by a different run"):
+        encode.main(argv)  # parts of another layout are never mixed in
 
 
 def test_cc12m_no_timestep_and_webdataset_output(tmp_path, tiny_encoder_paths, enc):
