@@ -142,6 +142,7 @@ def test_bad_sample_is_an_error_naming_it(tmp_path, tiny_encoder_paths):
         encode.main(args(tmp_path / "raw", tmp_path / "o", tiny_encoder_paths, "--dataset=coco"))
 
 
+@pytest.mark.slow
 def test_two_ranks_under_torchrun(tmp_path, tiny_encoder_paths, enc):
     samples = raw_set(tmp_path / "raw", 10, coco=True)
     out = tmp_path / "pre"
