@@ -20,6 +20,11 @@ Loss scale (velocity MSE, t ~ U[0, 1); Monte Carlo over 512 samples, bf16 data):
 rule ``v = x_t - m(u)`` ~ 0.45; the per-t optimum given u, ``-m + a(t) (x_t - (1 - t) m)``, scores
 ``(pi / 2) * rho`` with rho^2 = SIGMA_RESID^2 + posterior variance (rho ~ 0.115), ~ 0.17. So the
 MLPerf target 0.586 needs the model to use the text (or pool x_t over the image) and is reachable by a tiny model.
+On the eval grid (t = timestep / 8, which includes t = 0 where the loss is >= 1) the per-t optimum averages ~0.24
+and ``v = x_t - m(u)`` ~0.57. Measured (2026-11-27, CPU, ``FluxConfig.from_flavor("tiny")`` at the demo's size:
+hidden 64, 1 double + 1 single block, T5 16x32, CLIP 32, latents 4x8x8; 16,384 train / 1,024 eval samples,
+micro-batch 256, AdamW lr 2e-3 with 20 warm-up steps, CFG dropout 0.1): eval loss 0.357 after 50 steps, 0.305
+after 100, 0.257 after 200.
 The empty-prompt encodings are the text maps applied to u = 0 (plus the same small noise).
 """
 
@@ -55,10 +60,17 @@ _SPLIT_STREAM = {"train": 1, "eval": 2, "empty": 3}
 class SyntheticMaps:
     """The fixed random linear maps of the generative model (from ``seed``)."""
 
-    def __init__(self, shapes: RecordShapes, seed: int):
+    def __init__(
+        self,
+        shapes: RecordShapes,
+        seed: int,
+        sigma_text: float = SIGMA_TEXT,
+        sigma_resid: float = SIGMA_RESID,
+    ):
         g = torch.Generator().manual_seed(seed)
         k = CODE_DIM
         self.shapes, self.seed = shapes, seed
+        self.sigma_text, self.sigma_resid = sigma_text, sigma_resid
         self.w_clip = torch.randn(k, shapes.clip_dim, generator=g)
         self.w_t5 = torch.randn(k, shapes.t5_len * shapes.t5_dim, generator=g)
         self.w_lat = torch.randn(k, shapes.latent_channels, generator=g)
@@ -73,7 +85,7 @@ class SyntheticMaps:
 
     def channel_offset(self, u: torch.Tensor) -> torch.Tensor:
         """m(u): the text-determined per-channel offset of x0, shape [C]."""
-        return SIGMA_TEXT * (u @ self.w_lat) / math.sqrt(CODE_DIM)
+        return self.sigma_text * (u @ self.w_lat) / math.sqrt(CODE_DIM)
 
     def sample(self, split: str, i: int) -> dict:
         """Record ``i`` of ``split`` (``"train"`` or ``"eval"``) as a row dict for the writers, plus its code u."""
@@ -82,7 +94,7 @@ class SyntheticMaps:
         u = torch.randn(CODE_DIM, generator=g)
         t5, clip = self.text(u, g)
         lat = (s.latent_channels, s.latent_size, s.latent_size)
-        x0 = self.channel_offset(u).view(-1, 1, 1) + SIGMA_RESID * torch.randn(lat, generator=g)
+        x0 = self.channel_offset(u).view(-1, 1, 1) + self.sigma_resid * torch.randn(lat, generator=g)
         lo, hi = LOGVAR_RANGE
         logvar = lo + (hi - lo) * torch.rand(lat, generator=g)
         row = {
@@ -117,12 +129,17 @@ def write_synthetic(
     seed: int = 0,
     fmt: str = "arrow",
     samples_per_shard: int = 1024,
+    *,
+    sigma_text: float = SIGMA_TEXT,
+    sigma_resid: float = SIGMA_RESID,
 ) -> dict[str, Path]:
-    """Write ``out/train``, ``out/eval``, ``out/empty_encodings``; returns the three paths (Hydra ``data.*_path``)."""
+    """Write ``out/train``, ``out/eval``, ``out/empty_encodings``; returns the three paths (Hydra ``data.*_path``).
+
+    ``sigma_text`` / ``sigma_resid`` set the difficulty (see the module docstring); the defaults are tuned."""
     if fmt not in ("arrow", "webdataset"):
         raise ValueError(f"unknown format {fmt!r}; expected 'arrow' or 'webdataset'")
     out = Path(out)
-    maps = SyntheticMaps(shapes, seed)
+    maps = SyntheticMaps(shapes, seed, sigma_text, sigma_resid)
     paths = {
         "train_path": out / "train",
         "eval_path": out / "eval",
@@ -159,9 +176,25 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--format", choices=["arrow", "webdataset"], default="arrow")
     ap.add_argument("--samples-per-shard", type=int, default=1024)
+    ap.add_argument(
+        "--sigma-text", type=float, default=SIGMA_TEXT, help="std of the text-determined part of x0"
+    )
+    ap.add_argument(
+        "--sigma-resid", type=float, default=SIGMA_RESID, help="std of the unpredictable part of x0"
+    )
     a = ap.parse_args(argv)
     shapes = RecordShapes(a.t5_len, a.t5_dim, a.clip_dim, a.latent_channels, a.latent_size)
-    paths = write_synthetic(a.out, a.train, a.eval, shapes, a.seed, a.format, a.samples_per_shard)
+    paths = write_synthetic(
+        a.out,
+        a.train,
+        a.eval,
+        shapes,
+        a.seed,
+        a.format,
+        a.samples_per_shard,
+        sigma_text=a.sigma_text,
+        sigma_resid=a.sigma_resid,
+    )
     for k, p in paths.items():
         print(f"data.{k}={p}")
 

@@ -112,3 +112,13 @@ def test_empty_encodings_are_the_text_of_a_zero_code():
     assert clipe.abs().max() < 0.1 and t5e.abs().max() < 0.1  # only the small text noise
     r = m.sample("train", 0)
     assert r["clip_encodings"].abs().max() > 0.3
+
+
+def test_difficulty_knobs():
+    m = syn.SyntheticMaps(SHAPES, seed=0, sigma_text=0.2, sigma_resid=0.3)
+    x0 = torch.stack(
+        [(m.sample("train", i)["mean"] - syn.LATENT_SHIFT) * syn.LATENT_SCALE for i in range(64)]
+    )
+    chan = x0.mean(dim=(2, 3))
+    assert abs((x0 - chan[:, :, None, None]).std().item() - 0.3) < 0.02
+    assert abs(chan.std().item() - 0.2) < 0.08
