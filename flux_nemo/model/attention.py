@@ -91,13 +91,21 @@ class FluxAttentionSubmodules:
     apply_rope: Callable[[Tensor, Tensor], Tensor]
 
 
-class _QKV:
-    """Builders shared by both attentions (a mixin keeps each class's parameter names flat)."""
+class _FluxAttention(MegatronModule):
+    """What both attentions share: the core attention, RoPE, and builders for QKV + QK norms and projections."""
 
-    config: FluxConfig
-
-    def _heads_per_rank(self) -> int:
-        return self.config.num_attention_heads // parallel_state.get_tensor_model_parallel_world_size()
+    def __init__(self, config: FluxConfig, submodules: FluxAttentionSubmodules, layer_number: int):
+        super().__init__(config)
+        tp_size = parallel_state.get_tensor_model_parallel_world_size()
+        self.heads_per_rank = config.num_attention_heads // tp_size
+        self.core_attention = build_module(
+            submodules.core_attention,
+            config=config,
+            layer_number=layer_number,
+            attn_mask_type=AttnMaskType.no_mask,
+            attention_type="self",
+        )
+        self.apply_rope = submodules.apply_rope
 
     def _build_qkv(self, submodules: FluxAttentionSubmodules):
         config, head_dim = self.config, self.config.kv_channels
@@ -113,7 +121,7 @@ class _QKV:
             is_expert=False,
             tp_comm_buffer_name="qkv",
         )
-        eps = torch.finfo(torch.float32).eps  # torch.nn.RMSNorm's default (eps=None) in the reference
+        eps = torch.finfo(torch.float32).eps  # torch.nn.RMSNorm's default (eps=None) as the reference runs it
         q_norm = build_module(submodules.q_layernorm, config=config, hidden_size=head_dim, eps=eps)
         k_norm = build_module(submodules.k_layernorm, config=config, hidden_size=head_dim, eps=eps)
         return linear, q_norm, k_norm
@@ -133,63 +141,51 @@ class _QKV:
         )
 
     def _project_qkv(self, x: Tensor, linear, q_norm, k_norm) -> tuple[Tensor, Tensor, Tensor]:
-        """``[s, b, h]`` -> normalised q, k and v, each ``[s, b, np, hn]``."""
+        """``[s, b, h]`` -> normalised q, k and v, each ``[s, b, np, hn]`` (``np`` heads on this rank)."""
         mixed = linear_out(linear, x)  # [s, b, 3 * h / tp]
-        mixed = mixed.view(*mixed.shape[:2], self._heads_per_rank(), 3 * self.config.kv_channels)
+        mixed = mixed.view(*mixed.shape[:2], self.heads_per_rank, 3 * self.config.kv_channels)
         q, k, v = mixed.chunk(3, dim=-1)  # Megatron per-head layout [q_h, k_h, v_h]
         # The reference casts the normalised q and k to v's dtype.
         return q_norm(q).to(v.dtype), k_norm(k).to(v.dtype), v
 
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, pe: Tensor) -> Tensor:
+        """RoPE on q and k, then unmasked attention: ``[s, b, np, hn]`` -> ``[s, b, np * hn]``."""
+        q, k = self.apply_rope(q, pe), self.apply_rope(k, pe)
+        return self.core_attention(q, k, v, attention_mask=None, attn_mask_type=AttnMaskType.no_mask)
 
-class JointSelfAttention(_QKV, MegatronModule):
+
+class JointSelfAttention(_FluxAttention):
     """Double-block attention: separate img/txt QKV, norms and projections; one joint softmax (text first)."""
 
     def __init__(self, config: FluxConfig, submodules: FluxAttentionSubmodules, layer_number: int):
-        super().__init__(config)
+        super().__init__(config, submodules, layer_number)
         self.img_linear_qkv, self.img_q_layernorm, self.img_k_layernorm = self._build_qkv(submodules)
         self.txt_linear_qkv, self.txt_q_layernorm, self.txt_k_layernorm = self._build_qkv(submodules)
-        self.core_attention = build_module(
-            submodules.core_attention,
-            config=config,
-            layer_number=layer_number,
-            attn_mask_type=AttnMaskType.no_mask,
-            attention_type="self",
-        )
         self.img_linear_proj = self._build_proj(submodules, bias=True)
         self.txt_linear_proj = self._build_proj(submodules, bias=True)
-        self.apply_rope = submodules.apply_rope
 
     def forward(self, img: Tensor, txt: Tensor, pe: Tensor) -> tuple[Tensor, Tensor]:
         """Modulated ``img [s_img, b, h]``, ``txt [s_txt, b, h]``, RoPE angles ``pe`` -> (img, txt) outputs."""
         img_qkv = self._project_qkv(img, self.img_linear_qkv, self.img_q_layernorm, self.img_k_layernorm)
         txt_qkv = self._project_qkv(txt, self.txt_linear_qkv, self.txt_q_layernorm, self.txt_k_layernorm)
         q, k, v = (torch.cat([t, i], dim=0) for t, i in zip(txt_qkv, img_qkv, strict=True))  # [s, b, np, hn]
-        q, k = self.apply_rope(q, pe), self.apply_rope(k, pe)
-        attn = self.core_attention(q, k, v, attention_mask=None, attn_mask_type=AttnMaskType.no_mask)
-        txt_attn, img_attn = attn.split([txt.shape[0], img.shape[0]], dim=0)  # [s_*, b, h / tp]
+        attn = self._attend(q, k, v, pe)  # [s, b, h / tp]
+        txt_attn, img_attn = attn.split([txt.shape[0], img.shape[0]], dim=0)
         return linear_out(self.img_linear_proj, img_attn), linear_out(self.txt_linear_proj, txt_attn)
 
 
-class SelfAttention(_QKV, MegatronModule):
-    """Single-block attention over the joint sequence; ``linear_proj`` has no bias (BFL ``linear2``'s bias is
-    carried by the MLP's ``linear_fc2``)."""
+class SelfAttention(_FluxAttention):
+    """Single-block attention over the joint sequence.
+
+    ``linear_proj`` has no bias: BFL's ``linear2`` bias is carried by the MLP's ``linear_fc2``.
+    """
 
     def __init__(self, config: FluxConfig, submodules: FluxAttentionSubmodules, layer_number: int):
-        super().__init__(config)
+        super().__init__(config, submodules, layer_number)
         self.linear_qkv, self.q_layernorm, self.k_layernorm = self._build_qkv(submodules)
-        self.core_attention = build_module(
-            submodules.core_attention,
-            config=config,
-            layer_number=layer_number,
-            attn_mask_type=AttnMaskType.no_mask,
-            attention_type="self",
-        )
         self.linear_proj = self._build_proj(submodules, bias=False)
-        self.apply_rope = submodules.apply_rope
 
     def forward(self, x: Tensor, pe: Tensor) -> Tensor:
         """Modulated ``x [s, b, h]`` -> attention output ``[s, b, h]`` (no bias)."""
         q, k, v = self._project_qkv(x, self.linear_qkv, self.q_layernorm, self.k_layernorm)
-        q, k = self.apply_rope(q, pe), self.apply_rope(k, pe)
-        attn = self.core_attention(q, k, v, attention_mask=None, attn_mask_type=AttnMaskType.no_mask)
-        return linear_out(self.linear_proj, attn)
+        return linear_out(self.linear_proj, self._attend(q, k, v, pe))

@@ -135,3 +135,16 @@ def test_from_diffusers_config_toy_and_overrides():
 def test_from_diffusers_config_rejects(change, match):
     with pytest.raises(ValueError, match=match):
         FluxConfig.from_diffusers_config({**SCHNELL_DIFFUSERS, **change})
+
+
+def test_config_pickles_and_copies():
+    import copy
+    import pickle
+
+    c = FluxConfig.from_flavor("tiny", theta=123)
+    for clone in (pickle.loads(pickle.dumps(c)), copy.deepcopy(c)):
+        assert (
+            clone.theta == 123
+            and clone.num_layers == c.num_layers
+            and clone.activation_func is c.activation_func
+        )

@@ -164,6 +164,15 @@ def test_flux_is_a_megatron_module():
     assert issubclass(Flux, MegatronModule)
 
 
+def test_sharded_state_dict_covers_every_weight(megatron_world):
+    from megatron.core import parallel_state
+
+    model = build_flux(FluxConfig.from_flavor("tiny", num_double_blocks=1, num_single_blocks=1))
+    metadata = {"dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}
+    sharded = model.sharded_state_dict(metadata=metadata)
+    assert set(sharded) == set(model.state_dict())
+
+
 def test_unknown_backend(megatron_world):
     with pytest.raises(ValueError, match="backend"):
         build_flux(FluxConfig.from_flavor("tiny"), backend="fast")

@@ -12,8 +12,10 @@ from flux_nemo.model import FluxConfig, build_flux
 
 pytestmark = pytest.mark.gpu
 
-OUT_TOL = 3e-2  # relative max error of the output, bf16 with different kernels (TE GEMM/attention vs torch)
-GRAD_TOL = 5e-2  # relative L2 error of each parameter gradient
+# bf16 with different kernels (TE GEMMs, fused attention and RoPE vs torch) through 4 blocks; a layout or
+# formula mismatch shows as O(1). Tighten once measured numbers are known.
+OUT_TOL = 5e-2  # relative max error of the output
+GRAD_TOL = 1e-1  # relative L2 error of each parameter gradient
 
 
 def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -27,8 +29,9 @@ def models(megatron_world):
     torch.manual_seed(0)
     local = randomize_(build_flux(config, backend="local"), seed=0)
     te = build_flux(config, backend="te")
-    missing, unexpected = te.load_state_dict(weights(local), strict=False)
-    assert not unexpected and all(k.endswith("_extra_state") for k in missing), (missing, unexpected)
+    # Same weights; TE keeps its own (FP8 metadata) extra state. strict: the names must match exactly.
+    te_extra = {k: v for k, v in te.state_dict().items() if k.endswith("_extra_state")}
+    te.load_state_dict(weights(local) | te_extra, strict=True)
     return local.cuda(), te.cuda()
 
 
@@ -69,3 +72,22 @@ def test_forward_and_gradients_match_local(models, shared_ids):
     worst = sorted(grad_errs.items(), key=lambda kv: -kv[1])[:5]
     print("worst gradient relative L2 errors:", ", ".join(f"{n}={e:.3e}" for n, e in worst))
     assert max(grad_errs.values()) < GRAD_TOL, worst
+
+
+def test_te_fresh_model_outputs_exactly_zero(megatron_world):
+    pytest.importorskip("transformer_engine")
+    config = FluxConfig.from_flavor("tiny", params_dtype=torch.bfloat16, bf16=True)
+    model = build_flux(config, backend="te")
+    inputs = {k: v.cuda() for k, v in make_inputs(config, batch=2, h=4, w=4, txt_len=8).items()}
+    with torch.no_grad():
+        assert torch.count_nonzero(model(**inputs)) == 0
+
+
+def test_te_schnell_builds_on_meta_with_the_reference_parameter_count(megatron_world):
+    pytest.importorskip("transformer_engine")
+    # TE takes its device from the config: meta needs init_model_with_meta_device (not CPU initialisation).
+    config = FluxConfig.from_flavor("schnell", init_model_with_meta_device=True, use_cpu_initialization=False)
+    with torch.device("meta"):
+        model = build_flux(config, backend="te")
+    assert all(p.is_meta for p in model.parameters())
+    assert sum(p.numel() for p in model.parameters()) == 11_891_178_560
