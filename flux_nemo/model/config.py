@@ -117,7 +117,7 @@ class FluxConfig(TransformerConfig):
         ffn = self.hidden_size * self.mlp_ratio
         if ffn != int(ffn):
             raise ValueError(
-                f"hidden_size * mlp_ratio must be an integer, got {ffn} (mlp_ratio={self.mlp_ratio})"
+                f"FluxConfig.mlp_ratio ({self.mlp_ratio}) times hidden_size must be an integer, got {ffn}"
             )
         derived = {
             "num_layers": self.num_double_blocks + self.num_single_blocks,
@@ -184,7 +184,7 @@ class FluxConfig(TransformerConfig):
             (
                 min(self.in_channels, self.vec_in_dim, self.context_in_dim) <= 0,
                 "in_channels",
-                "widths must be > 0",
+                "vec_in_dim and context_in_dim must be > 0",
             ),
         ]
         for failed, name, message in checks:

@@ -105,7 +105,7 @@ def fused_rope_or_torch(fused: Callable | None, t: Tensor, freqs: Tensor) -> Ten
     """
     if fused is None or freqs.shape[1] != 1 or not t.is_cuda:
         return apply_interleaved_rope(t, freqs)
-    return fused(t, freqs.float(), interleaved=True)
+    return fused(t, freqs.float().contiguous(), interleaved=True)
 
 
 SPECS: dict[str, Callable[[], FluxSubmodules]] = {"local": get_flux_local_spec, "te": get_flux_te_spec}

@@ -77,6 +77,10 @@ def test_replace_keeps_derived_fields_consistent():
         (dict(num_double_blocks=0, num_single_blocks=0), "num_single_blocks"),
         (dict(normalization="LayerNorm"), "normalization"),
         (dict(context_parallel_size=2), "context_parallel_size"),
+        (dict(pipeline_model_parallel_size=2, pipeline_dtype=torch.float32), "pipeline_model_parallel_size"),
+        (dict(sequence_parallel=True, tensor_model_parallel_size=2), "sequence_parallel"),
+        (dict(gated_linear_unit=True), "gated_linear_unit"),
+        (dict(in_channels=0), "in_channels"),
         (dict(not_a_field=1), "not_a_field"),
     ],
 )
