@@ -57,7 +57,7 @@ class Flux(MegatronModule):
 
     def forward(
         self, img: Tensor, txt: Tensor, y: Tensor, timesteps: Tensor, img_ids: Tensor, txt_ids: Tensor
-    ):
+    ) -> Tensor:
         """Predict the flow-matching velocity of the image tokens.
 
         Args:
@@ -110,9 +110,11 @@ def build_flux(config: FluxConfig, backend: str = "local", block_runner: BlockRu
     """Build a Flux model with the ``backend`` spec (``"local"`` or ``"te"``).
 
     Parameters go where Megatron puts them: under the caller's device context (meta, CPU) when
-    ``config.use_cpu_initialization`` (the default without CUDA), else on the current GPU. A model with real
-    parameters gets the reference initialisation (``Flux.init_weights``); on the meta device, call it after
-    materialising. A single-process Megatron world is set up if none exists.
+    ``config.use_cpu_initialization`` (the default without CUDA), on the meta device when
+    ``config.init_model_with_meta_device`` (what the ``te`` backend needs for meta: TE takes its device from the
+    config), else on the current GPU. A model with real parameters gets the reference initialisation
+    (``Flux.init_weights``); on the meta device, call it after ``to_empty``. A single-process Megatron world is
+    set up if none exists.
     """
     ensure_megatron_initialized()
     model = Flux(config, get_flux_spec(backend), block_runner=block_runner)
