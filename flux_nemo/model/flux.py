@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
 from torch import Tensor, nn
@@ -31,6 +32,9 @@ class Flux(MegatronModule):
             hook for activation recompute, FP8 contexts or CUDA graphs, so those stay out of the model.
             It may also be set later through the ``block_runner`` attribute.
     """
+
+    # Megatron's schedules (forward_backward_func) read this to choose their code path.
+    model_type = ModelType.encoder_or_decoder
 
     def __init__(
         self, config: FluxConfig, submodules: FluxSubmodules, block_runner: BlockRunner | None = None
@@ -94,6 +98,13 @@ class Flux(MegatronModule):
         if self.block_runner is None:
             return block(*args)
         return self.block_runner(block, *args)
+
+    def set_input_tensor(self, input_tensor: list[Tensor | None]) -> None:
+        """Megatron's schedules pass each pipeline stage its input here; Flux is a single stage."""
+        if any(t is not None for t in input_tensor):
+            raise RuntimeError(
+                "Flux is not pipeline-parallel: it takes no input tensor from a previous stage"
+            )
 
     def init_weights(self) -> None:
         """Apply the reference initialisation (``flux_nemo.model.init``); a fresh model then outputs 0."""

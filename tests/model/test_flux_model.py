@@ -4,7 +4,7 @@ import pytest
 import torch
 from flux_testing import image_ids, make_inputs
 
-from flux_nemo.model import Flux, FluxConfig, build_flux
+from flux_nemo.model import FluxConfig, build_flux
 
 
 def count(module: torch.nn.Module) -> int:
@@ -158,10 +158,19 @@ def test_every_parameter_gets_a_gradient(build):
     assert not missing
 
 
-def test_flux_is_a_megatron_module():
+def test_megatron_schedule_hooks(megatron_world):
+    # What megatron.core.pipeline_parallel.schedules asks of a model, through its own helpers.
+    from megatron.core.enums import ModelType
     from megatron.core.transformer.module import MegatronModule
+    from megatron.core.utils import get_attr_wrapped_model, get_model_type
 
-    assert issubclass(Flux, MegatronModule)
+    with torch.device("meta"):
+        model = build_flux(FluxConfig.from_flavor("tiny"))
+    assert isinstance(model, MegatronModule)
+    assert get_model_type(model) == ModelType.encoder_or_decoder
+    get_attr_wrapped_model(model, "set_input_tensor")([None])
+    with pytest.raises(RuntimeError, match="pipeline"):
+        model.set_input_tensor([torch.zeros(1)])
 
 
 def test_sharded_state_dict_covers_every_weight(megatron_world):
