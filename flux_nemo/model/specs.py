@@ -1,7 +1,7 @@
 """Backend specs for the Flux blocks: ``te`` (Transformer Engine, GPU) and ``local`` (Megatron + torch, any device).
 
-Modules never branch on the backend; a spec picks each implementation. Transformer Engine is imported only
-inside :func:`get_flux_te_spec`, so importing ``flux_nemo.model`` never imports it.
+Modules never branch on the backend; a spec picks each implementation. This package imports Transformer Engine
+only inside :func:`get_flux_te_spec`, so ``flux_nemo.model`` imports and runs (local spec) without it.
 """
 
 from __future__ import annotations
