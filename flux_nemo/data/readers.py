@@ -21,6 +21,8 @@ import json
 import mmap
 import os
 import tarfile
+import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -82,15 +84,59 @@ def _arrow_files(path: Path) -> list[Path]:
     return files
 
 
+class _OpenFiles:
+    """A small LRU of opened (mapped) files, so that datasets with thousands of files keep few maps and fds.
+
+    Eviction only drops the reference: a thread still copying from an evicted map keeps it alive until done.
+    """
+
+    def __init__(self, capacity: int = 16):
+        self.capacity = capacity
+        self._lru: OrderedDict[int, object] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, i: int, f):
+        with self._lock:
+            st = f.state
+            if st is not None:
+                self._lru.move_to_end(i)
+                return st
+        st = f.load()  # outside the lock; two threads may both load, which is harmless
+        with self._lock:
+            f.state = st
+            self._lru[i] = f
+            self._lru.move_to_end(i)
+            while len(self._lru) > self.capacity:
+                _, old = self._lru.popitem(last=False)
+                old.state = None
+        return st
+
+
+class _ArrowMaps:
+    """The mapped buffers of one Arrow file: per column, per record batch (offsets, data buffer, nullable)."""
+
+    def __init__(self, table: pa.Table):
+        self.keys = table.column(KEY_COLUMN) if KEY_COLUMN in table.schema.names else None
+        self.starts: list[int] = []
+        self.cols: dict[str, list[tuple[np.ndarray, pa.Buffer, object]]] = {c: [] for c in TENSOR_COLUMNS}
+        for col in TENSOR_COLUMNS:
+            pos = 0
+            for chunk in table.column(col).chunks:
+                if col == TENSOR_COLUMNS[0]:
+                    self.starts.append(pos)
+                _validity, offsets, data = chunk.buffers()
+                odt = np.int64 if chunk.type == pa.large_binary() else np.int32
+                offs = np.frombuffer(offsets, dtype=odt)[chunk.offset : chunk.offset + len(chunk) + 1]
+                self.cols[col].append((offs, data, chunk if chunk.null_count else None))
+                pos += len(chunk)
+
+
 class _ArrowFile:
-    """One memory-mapped Arrow IPC stream file: per column, per record batch (offsets, data buffer)."""
+    """One Arrow IPC stream file: validated and counted at open, its buffers mapped on demand (``load``)."""
 
     def __init__(self, path: Path, shapes: RecordShapes):
-        self.path = path
-        try:
-            table = pa.ipc.open_stream(pa.memory_map(str(path), "r")).read_all()
-        except Exception as e:  # noqa: BLE001
-            raise ValueError(f"{path}: corrupt or unreadable Arrow file ({e})") from None
+        self.path, self.shapes, self.state = path, shapes, None
+        table = self._read()
         names = table.schema.names
         for col in TENSOR_COLUMNS:
             if col not in names:
@@ -99,7 +145,6 @@ class _ArrowFile:
             if typ not in (pa.binary(), pa.large_binary()):
                 raise ValueError(f"{path}: column {col!r} has type {typ}, expected binary")
         self.n = table.num_rows
-        self.keys = table.column(KEY_COLUMN) if KEY_COLUMN in names else None
         if TIMESTEP_COLUMN in names:
             ts = table.column(TIMESTEP_COLUMN)
             if not pa.types.is_integer(ts.type):
@@ -107,39 +152,34 @@ class _ArrowFile:
             self.timesteps = pc.fill_null(ts, -1).to_numpy().astype(np.int64)
         else:
             self.timesteps = np.full(self.n, -1, dtype=np.int64)
-        # batch boundaries are the same for every column of an IPC stream (one chunk per record batch)
-        self.starts: list[int] = []
-        self.cols: dict[str, list[tuple[np.ndarray, pa.Buffer, object]]] = {c: [] for c in TENSOR_COLUMNS}
-        pos = 0
-        for col in TENSOR_COLUMNS:
-            pos = 0
-            for chunk in table.column(col).chunks:
-                if col == TENSOR_COLUMNS[0]:
-                    self.starts.append(pos)
-                validity, offsets, data = chunk.buffers()
-                odt = np.int64 if chunk.type == pa.large_binary() else np.int32
-                offs = np.frombuffer(offsets, dtype=odt)[chunk.offset : chunk.offset + len(chunk) + 1]
-                self.cols[col].append((offs, data, chunk if chunk.null_count else None))
-                pos += len(chunk)
-        self.shapes = shapes
 
-    def key(self, r: int) -> str:
-        return f"row{r}" if self.keys is None else str(self.keys[r].as_py())
+    def _read(self) -> pa.Table:
+        try:
+            with pa.memory_map(str(self.path), "r") as mm:  # the map outlives the fd: buffers keep it alive
+                return pa.ipc.open_stream(mm).read_all()
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"{self.path}: corrupt or unreadable Arrow file ({e})") from None
 
-    def fill(self, r: int, out: dict[str, np.ndarray], row: int) -> int:
-        b = bisect.bisect_right(self.starts, r) - 1
-        lr = r - self.starts[b]
+    def load(self) -> _ArrowMaps:
+        return _ArrowMaps(self._read())
+
+    def key(self, st: _ArrowMaps, r: int) -> str:
+        return f"row{r}" if st.keys is None else str(st.keys[r].as_py())
+
+    def fill(self, st: _ArrowMaps, r: int, out: dict[str, np.ndarray], row: int) -> int:
+        b = bisect.bisect_right(st.starts, r) - 1
+        lr = r - st.starts[b]
         fields = self.shapes.fields()
         for col in TENSOR_COLUMNS:
-            offs, data, nullable = self.cols[col][b]
+            offs, data, nullable = st.cols[col][b]
             if nullable is not None and not nullable[lr].is_valid:
-                raise ValueError(f"{self.path} row {r} (key {self.key(r)!r}) column {col}: null cell")
+                raise ValueError(f"{self.path} row {r} (key {self.key(st, r)!r}) column {col}: null cell")
             s, e = int(offs[lr]), int(offs[lr + 1])
             cell = memoryview(data)[s:e] if data is not None else b""
             try:
                 view = payload_view(cell, fields[col], where="")
             except ValueError as err:
-                where = f"{self.path} row {r} (key {self.key(r)!r}) column {col}"
+                where = f"{self.path} row {r} (key {self.key(st, r)!r}) column {col}"
                 raise ValueError(f"{where}{err}") from None
             out[col][row] = view
         return int(self.timesteps[r])
@@ -148,19 +188,25 @@ class _ArrowFile:
 class ArrowSource(_Source):
     """An HF ``save_to_disk`` dataset directory (or a single ``.arrow`` stream file), memory-mapped."""
 
-    def __init__(self, path: str | os.PathLike, shapes: RecordShapes = OFFICIAL_SHAPES):
+    def __init__(self, path: str | os.PathLike, shapes: RecordShapes = OFFICIAL_SHAPES, max_open: int = 16):
         self.path = str(path)
         self.shapes = shapes
+        self.max_open = max_open
         self._files_paths = _arrow_files(Path(path))
         self._open()
 
     def _open(self) -> None:
         self._files = [_ArrowFile(p, self.shapes) for p in self._files_paths]
         self._starts = np.cumsum([0] + [f.n for f in self._files]).tolist()
-        self._pid = os.getpid()
+        self._maps = _OpenFiles(self.max_open)
 
-    def __getstate__(self):  # pickled into spawned workers: reopen there
-        return {"path": self.path, "shapes": self.shapes, "_files_paths": self._files_paths}
+    def __getstate__(self):  # pickled into spawned processes: reopen there
+        return {
+            "path": self.path,
+            "shapes": self.shapes,
+            "max_open": self.max_open,
+            "_files_paths": self._files_paths,
+        }
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -169,18 +215,19 @@ class ArrowSource(_Source):
     def __len__(self) -> int:
         return self._starts[-1]
 
-    def _locate(self, index: int) -> tuple[_ArrowFile, int]:
+    def _locate(self, index: int) -> tuple[_ArrowFile, _ArrowMaps, int]:
         self._check_index(index)
-        f = bisect.bisect_right(self._starts, index) - 1
-        return self._files[f], index - self._starts[f]
+        i = bisect.bisect_right(self._starts, index) - 1
+        f = self._files[i]
+        return f, self._maps.get(i, f), index - self._starts[i]
 
     def key(self, index: int) -> str:
-        f, r = self._locate(index)
-        return f.key(r)
+        f, st, r = self._locate(index)
+        return f.key(st, r)
 
     def fill(self, index: int, out: dict[str, np.ndarray], row: int) -> int:
-        f, r = self._locate(index)
-        return f.fill(r, out, row)
+        f, st, r = self._locate(index)
+        return f.fill(st, r, out, row)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -246,16 +293,23 @@ def _scan_tar_slow(path: Path) -> list[tuple[str, int, int]]:
         raise ValueError(f"{path}: corrupt tar shard ({e})") from None
 
 
+def _map_file(path: Path):
+    with open(path, "rb") as fh:
+        if os.fstat(fh.fileno()).st_size == 0:
+            return b""
+        return mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+
+
 class _TarShard:
+    """One tar shard: indexed at open (member offsets per sample), mapped on demand (``load``)."""
+
     def __init__(self, path: Path):
-        self.path = path
-        with open(path, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
-            self.mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+        self.path, self.state = path, None
+        mm = _map_file(path)
         wanted = {ext: i for i, ext in enumerate(["json"] + [WDS_EXT[c] for c in TENSOR_COLUMNS])}
         keys: list[str] = []
         loc: list[list[int]] = []
-        for name, off, size in _scan_tar(path, self.mm):
+        for name, off, size in _scan_tar(path, mm):
             k, ext = _split_name(name)
             if ext not in wanted:
                 continue
@@ -271,12 +325,15 @@ class _TarShard:
                 if ext != "json" and self.loc[i, 2 * j] < 0:
                     raise ValueError(f"{path} key {k!r}: missing member {k}.{ext}")
 
-    def meta(self, i: int) -> tuple[str, int]:
+    def load(self):
+        return _map_file(self.path)
+
+    def meta(self, mm, i: int) -> tuple[str, int]:
         off, size = self.loc[i, 0], self.loc[i, 1]
         if off < 0:
             return self.keys[i], -1
         try:
-            d = json.loads(bytes(self.mm[off : off + size]))
+            d = json.loads(bytes(mm[off : off + size]))
         except ValueError as e:
             raise ValueError(f"{self.path} key {self.keys[i]!r}: corrupt .json member ({e})") from None
         if not isinstance(d, dict):
@@ -289,18 +346,20 @@ class _TarShard:
 class WebDatasetSource(_Source):
     """Webdataset tar shards (a directory of ``*.tar``, a glob, a file or a list), memory-mapped and indexed."""
 
-    def __init__(self, path, shapes: RecordShapes = OFFICIAL_SHAPES):
+    def __init__(self, path, shapes: RecordShapes = OFFICIAL_SHAPES, max_open: int = 16):
         self.path = str(path)
         self.shapes = shapes
+        self.max_open = max_open
         self._paths = _tar_files(path)
         self._open()
 
     def _open(self) -> None:
         self._shards = [_TarShard(p) for p in self._paths]
         self._starts = np.cumsum([0] + [len(s.keys) for s in self._shards]).tolist()
+        self._maps = _OpenFiles(self.max_open)
 
     def __getstate__(self):
-        return {"path": self.path, "shapes": self.shapes, "_paths": self._paths}
+        return {"path": self.path, "shapes": self.shapes, "max_open": self.max_open, "_paths": self._paths}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -309,26 +368,27 @@ class WebDatasetSource(_Source):
     def __len__(self) -> int:
         return self._starts[-1]
 
-    def _locate(self, index: int) -> tuple[_TarShard, int]:
+    def _locate(self, index: int):
         self._check_index(index)
         s = bisect.bisect_right(self._starts, index) - 1
-        return self._shards[s], index - self._starts[s]
+        sh = self._shards[s]
+        return sh, self._maps.get(s, sh), index - self._starts[s]
 
     def key(self, index: int) -> str:
-        sh, i = self._locate(index)
-        return sh.meta(i)[0]
+        sh, mm, i = self._locate(index)
+        return sh.meta(mm, i)[0]
 
     def fill(self, index: int, out: dict[str, np.ndarray], row: int) -> int:
-        sh, i = self._locate(index)
+        sh, mm, i = self._locate(index)
         fields = self.shapes.fields()
         for j, col in enumerate(TENSOR_COLUMNS, start=1):
             off, size = int(sh.loc[i, 2 * j]), int(sh.loc[i, 2 * j + 1])
-            cell = memoryview(sh.mm)[off : off + size]
+            cell = memoryview(mm)[off : off + size]
             try:
                 out[col][row] = payload_view(cell, fields[col], where="")
             except ValueError as err:
                 raise ValueError(f"{sh.path} key {sh.keys[i]!r} member .{WDS_EXT[col]}{err}") from None
-        return sh.meta(i)[1]
+        return sh.meta(mm, i)[1]
 
 
 def open_source(path, shapes: RecordShapes = OFFICIAL_SHAPES, fmt: str = "auto") -> _Source:

@@ -178,3 +178,25 @@ def test_empty_encodings_errors(tmp_path):
     np.save(tmp_path / "t5_empty.npy", np.zeros((1, 4, 8), np.float16))
     with pytest.raises(FileNotFoundError, match="clip_empty.npy"):
         load_empty_encodings(tmp_path)
+
+
+@pytest.mark.parametrize("fmt", ["arrow", "webdataset"])
+def test_many_files_keep_few_open(tmp_path, fmt):
+    import os
+
+    rows = make_rows(14, timesteps=list(range(14)))
+    if fmt == "arrow":
+        write_arrow_dataset(tmp_path / "d", rows, SHAPES, rows_per_file=2)
+        cls = ArrowSource
+    else:
+        write_webdataset(tmp_path / "d", rows, SHAPES, samples_per_shard=2)
+        cls = WebDatasetSource
+    fds = len(os.listdir("/proc/self/fd"))
+    src = cls(tmp_path / "d", SHAPES, max_open=2)
+    order = [13, 0, 7, 1, 12, 2, 6, 3, 11, 4, 5, 10, 8, 9]
+    out = {c: np.zeros((14, *s), np.uint16) for c, s in SHAPES.fields().items()}
+    ts = [src.fill(i, out, k) for k, i in enumerate(order)]
+    assert len(os.listdir("/proc/self/fd")) <= fds + 2
+    assert ts == order
+    want = torch.stack([rows[i]["mean"] for i in order]).to(torch.bfloat16)
+    assert torch.equal(torch.from_numpy(out["mean"]).view(torch.bfloat16), want)
