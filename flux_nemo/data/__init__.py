@@ -24,6 +24,10 @@ prefetch_factor=2)``
 fmt)``                                                       ``out/eval``, ``out/empty_encodings``
 =========================================================  =====================================================
 
+Errors: any bad record (corrupt file or shard, missing column or member, null cell, wrong dtype or shape, data
+that do not match the model's ``RecordShapes``) raises ``ValueError`` naming the file and the row or key. Nothing
+is ever skipped, so there is no skip counter to report. The loaders check the first record at build time.
+
 Hydra mapping: ``data.train_path`` -> ``build_train_loader(path)``, ``data.eval_path`` -> ``build_eval_loader(path)``,
 ``data.empty_encodings_path`` -> ``load_empty_encodings(dir)``. CLI: ``python -m flux_nemo.data.synthetic``.
 """

@@ -156,7 +156,11 @@ class _ArrowFile:
     def _read(self) -> pa.Table:
         try:
             with pa.memory_map(str(self.path), "r") as mm:  # the map outlives the fd: buffers keep it alive
-                return pa.ipc.open_stream(mm).read_all()
+                try:
+                    return pa.ipc.open_stream(mm).read_all()  # what save_to_disk writes
+                except pa.ArrowInvalid:
+                    mm.seek(0)
+                    return pa.ipc.open_file(mm).read_all()  # the Arrow IPC file format, also accepted
         except Exception as e:  # noqa: BLE001
             raise ValueError(f"{self.path}: corrupt or unreadable Arrow file ({e})") from None
 

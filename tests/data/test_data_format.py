@@ -200,3 +200,20 @@ def test_many_files_keep_few_open(tmp_path, fmt):
     assert ts == order
     want = torch.stack([rows[i]["mean"] for i in order]).to(torch.bfloat16)
     assert torch.equal(torch.from_numpy(out["mean"]).view(torch.bfloat16), want)
+
+
+def test_arrow_ipc_file_format_is_accepted(tmp_path):
+    import pyarrow as pa
+
+    rows = make_rows(3, timesteps=[1, 2, 3])
+    cols = {"__key__": [r["__key__"] for r in rows]}
+    for c in TENSOR_COLUMNS:
+        cols[c] = pa.array([encode_tensor(r[c]) for r in rows], pa.binary())
+    table = pa.table(cols)
+    with pa.OSFile(str(tmp_path / "x.arrow"), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
+        w.write_table(table)
+    t, ts = read_all(open_source(tmp_path / "x.arrow", SHAPES))
+    assert ts == [-1, -1, -1]
+    assert torch.equal(
+        t["clip_encodings"], torch.stack([r["clip_encodings"] for r in rows]).to(torch.bfloat16)
+    )
