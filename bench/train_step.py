@@ -61,10 +61,13 @@ def build_ours(args, precision: str):
     config = FluxConfig.from_flavor(
         "schnell", num_double_blocks=args.double, num_single_blocks=args.single,
         params_dtype=torch.bfloat16, bf16=True, fp8=fp8, fp8_recipe=recipe,
-        use_cpu_initialization=False,
+        use_cpu_initialization=False, gradient_accumulation_fusion=args.grad_acc_fusion,
     )  # fmt: skip
+    compiled = {}
 
     def run_block(block, *inputs):
+        if args.compile_blocks:  # fuse the eager elementwise work between TE kernels
+            block = compiled.setdefault(id(block), torch.compile(block))
         with get_fp8_context(config) if fp8 else nullcontext():
             return block(*inputs)
 
@@ -127,6 +130,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--precision", nargs="+", default=["bf16"], choices=["bf16", *FP8_RECIPES])
     parser.add_argument("--peer", nargs="*", default=["eager"], choices=["eager", "compile"])
+    parser.add_argument("--grad-acc-fusion", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--compile-blocks", action="store_true", help="torch.compile each block")
     parser.add_argument("--json", type=Path, help="write all rows here")
     args = parser.parse_args()
 
