@@ -209,16 +209,19 @@ def write_arrow_dataset(
     rows: Iterable[dict],
     shapes: RecordShapes = OFFICIAL_SHAPES,
     *,
-    rows_per_file: int = 4096,
-    rows_per_batch: int = 64,
+    rows_per_file: int | None = None,
+    rows_per_batch: int = 32,
     with_timestep: bool = True,
 ) -> int:
     """Write ``rows`` as an HF ``save_to_disk`` Arrow dataset, streaming (constant memory); returns the row count.
 
     Each row is a dict with ``__key__`` (or ``key``), the four tensor columns (bf16 tensors of the ``shapes`` or
     ready npy bytes) and optionally ``timestep`` (int or None -> null). ``with_timestep=False`` omits the column
-    (as CC12M may). Readable by ``datasets.load_from_disk`` and by ``flux_nemo.data.readers``.
+    (as CC12M may). ``rows_per_file`` defaults to ~500 MiB files (HF's default ``max_shard_size``: 242 official
+    records). Readable by ``datasets.load_from_disk`` and by ``flux_nemo.data.readers``.
     """
+    if rows_per_file is None:
+        rows_per_file = max(1, (500 << 20) // shapes.record_bytes())
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     fields = shapes.fields()
