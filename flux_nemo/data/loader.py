@@ -95,7 +95,14 @@ def _prefetch(builder: BatchBuilder, index_lists: Iterator[list[int]], num_worke
         for ix in index_lists:
             yield builder(ix)
         return
-    pool = ThreadPoolExecutor(num_workers, thread_name_prefix="flux-data")
+    init = None
+    if builder.pin:  # pinned allocations in the threads use the caller's device (no stray context on GPU 0)
+        device = torch.cuda.current_device()
+
+        def init():
+            torch.cuda.set_device(device)
+
+    pool = ThreadPoolExecutor(num_workers, thread_name_prefix="flux-data", initializer=init)
     pending: deque = deque()
     try:
         for ix in index_lists:
