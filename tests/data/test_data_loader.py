@@ -170,3 +170,20 @@ def test_batch_contract_dtypes(data):
         assert b[k].dtype == torch.bfloat16 and b[k].is_contiguous()
     assert b["mean"].shape == (3, 1, 2, 2) and b["clip"].shape == (3, 3)
     assert torch.equal(b["logvar"][:, 0, 0, 0].float(), torch.tensor([0.0, 0.5, 1.0]))
+
+
+def test_state_is_in_samples_so_micro_batch_may_change(data):
+    tl = build_train_loader(
+        data / "a23", dp_rank=0, dp_world=1, micro_batch_size=3, num_workers=0, shapes=SHAPES
+    )
+    it = iter(tl)
+    assert [ids(next(it)) for _ in range(3)][-1] == [6, 7, 8]
+    resumed = build_train_loader(
+        data / "a23", dp_rank=0, dp_world=1, micro_batch_size=5, num_workers=2, shapes=SHAPES
+    )
+    resumed.load_state_dict(tl.state_dict())
+    assert [ids(b) for b in itertools.islice(resumed, 3)] == [
+        [9, 10, 11, 12, 13],
+        [14, 15, 16, 17, 18],
+        [19, 20, 21, 22, 0],
+    ]

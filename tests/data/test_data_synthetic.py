@@ -122,3 +122,36 @@ def test_difficulty_knobs():
     chan = x0.mean(dim=(2, 3))
     assert abs((x0 - chan[:, :, None, None]).std().item() - 0.3) < 0.02
     assert abs(chan.std().item() - 0.2) < 0.08
+
+
+def test_module_cli(tmp_path):
+    import subprocess
+    import sys
+
+    cmd = [
+        sys.executable,
+        "-W",
+        "error::RuntimeWarning",
+        "-m",
+        "flux_nemo.data.synthetic",
+        "--out",
+        str(tmp_path),
+    ]
+    cmd += [
+        "--train",
+        "3",
+        "--eval",
+        "2",
+        "--t5-len",
+        "2",
+        "--t5-dim",
+        "4",
+        "--clip-dim",
+        "3",
+        "--latent-size",
+        "2",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert f"data.train_path={tmp_path / 'train'}" in proc.stdout
+    assert len(open_source(tmp_path / "eval", RecordShapes(2, 4, 3, 16, 2))) == 2
