@@ -189,6 +189,10 @@ class MLPerfRunCallback(Callback):
             return
         samples = trainer.global_step * self.gbs
         value, count = module.eval_result()
+        if not math.isfinite(value):
+            log.error("non-finite validation loss %s at step %d: stopping", value, trainer.global_step)
+            self._stop_with_checkpoint(trainer, f"nonfinite-eval-step{trainer.global_step}")
+            return
         self.last_eval = value
         self.evals.append((samples, value))
         self.mllogger.eval_accuracy(value, samples)

@@ -52,8 +52,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def _rank_state(module) -> dict:
-    loader = module._train_loader.state_dict() if module._train_loader is not None else module.loader_state
-    return {"rng": rng_state(), "train_loader": loader}
+    return {"rng": rng_state(), "train_loader": module.train_loader_state()}
 
 
 def _restore_rank_state(module, state: dict) -> None:

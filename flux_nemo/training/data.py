@@ -56,8 +56,19 @@ def ensure_synthetic_data(cfg: DictConfig, shapes: RecordShapes) -> None:
 
 
 def load_empty(cfg: DictConfig, model_config, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The empty-prompt encodings (CFG dropout), shape-checked against the model, on ``device``."""
-    t5, clip = load_empty_encodings(cfg.data.empty_encodings_path, record_shapes(cfg, model_config))
+    """The empty-prompt encodings (CFG dropout) on ``device``; their shapes must match the model and data config."""
+    t5, clip = load_empty_encodings(cfg.data.empty_encodings_path)
+    expected = {
+        "data.t5_len": (t5.shape[1], cfg.data.t5_len),
+        "model.context_in_dim (T5 width)": (t5.shape[2], model_config.context_in_dim),
+        "model.vec_in_dim (CLIP width)": (clip.shape[1], model_config.vec_in_dim),
+    }
+    for name, (found, want) in expected.items():
+        if found != want:
+            raise ValueError(
+                f"data in {cfg.data.empty_encodings_path} does not match the config: {name} is {want} but the "
+                f"data has {found} (t5_empty {tuple(t5.shape)}, clip_empty {tuple(clip.shape)})"
+            )
     return t5.to(device), clip.to(device)
 
 
@@ -73,6 +84,14 @@ def build_loaders(cfg: DictConfig, model_config, local_batch_size: int, train: b
         fmt=cfg.data.format,
         pin_memory=torch.cuda.is_available(),
     )
-    if train:
-        return build_train_loader(cfg.data.train_path, micro_batch_size=local_batch_size, **kw), None
-    return None, build_eval_loader(cfg.data.eval_path, micro_batch_size=cfg.train.eval_micro_batch_size, **kw)
+    try:
+        if train:
+            return build_train_loader(cfg.data.train_path, micro_batch_size=local_batch_size, **kw), None
+        return None, build_eval_loader(
+            cfg.data.eval_path, micro_batch_size=cfg.train.eval_micro_batch_size, **kw
+        )
+    except ValueError as err:
+        raise ValueError(
+            f"{err}\n(the model expects records of shape {shapes.fields()}: from model.context_in_dim, "
+            "model.vec_in_dim, model.in_channels / 4 and data.t5_len, data.latent_size)"
+        ) from err

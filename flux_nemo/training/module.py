@@ -9,7 +9,6 @@ parallel state, and wrapped by the strategy (Megatron DDP on GPU).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import lightning.pytorch as pl
@@ -19,12 +18,24 @@ from megatron.core import parallel_state
 from omegaconf import DictConfig
 
 from flux_nemo import flow_matching as fm
+from flux_nemo.training.checkpoint import rng_state, set_rng_state
 from flux_nemo.training.config import check_batch_sizes, resolve_lr_warmup
 from flux_nemo.training.data import build_loaders, load_empty, record_shapes
 from flux_nemo.training.model_builder import build_model, compute_dtype
 from flux_nemo.training.optim import set_lr, warmup_constant_lr
 
 log = logging.getLogger(__name__)
+
+
+class _IterableView:
+    """The train loader as a plain iterable: its position is checkpointed by us (``train_loader_state``), not by
+    Lightning, whose copy would count the batch its fetcher reads ahead."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __iter__(self):
+        return iter(self.loader)
 
 
 class FluxTrainingModule(pl.LightningModule):
@@ -65,7 +76,7 @@ class FluxTrainingModule(pl.LightningModule):
         self._train_loader, _ = build_loaders(self.cfg, self.flux.config, self.local_batch_size, train=True)
         if self.loader_state is not None:
             self._train_loader.load_state_dict(self.loader_state)
-        return self._train_loader
+        return _IterableView(self._train_loader)
 
     def val_dataloader(self):
         _, loader = build_loaders(self.cfg, self.flux.config, self.local_batch_size, train=False)
@@ -76,16 +87,15 @@ class FluxTrainingModule(pl.LightningModule):
         return record_shapes(self.cfg, self.flux.config)
 
     # ------------------------------------------------------------------ training
-    def autocast(self):
-        """bf16 autocast for the CPU path (fp32 master weights); on GPU the params are already bf16 (Megatron)."""
-        enabled = self.device.type == "cpu" and self.dtype_compute == torch.bfloat16
-        return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
-
     def predict(self, inputs: fm.ModelInputs) -> torch.Tensor:
-        with self.autocast():
-            return self.flux(
-                inputs.img, inputs.txt, inputs.y, inputs.timesteps, inputs.img_ids[:1], inputs.txt_ids[:1]
-            )
+        """The network's velocity prediction; it computes in its parameters' dtype (bf16 on GPU, fp32 on CPU).
+
+        x0, noise, x_t and the target are formed in ``precision.compute_dtype`` as the reference does. On CPU the
+        network stays fp32: Megatron's linear layers do not support CPU autocast.
+        """
+        return self.flux(
+            inputs.img, inputs.txt, inputs.y, inputs.timesteps, inputs.img_ids[:1], inputs.txt_ids[:1]
+        )
 
     def train_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Reference training loss of one micro-batch (fresh posterior sample, CFG dropout, t ~ U[0, 1))."""
@@ -144,15 +154,28 @@ class FluxTrainingModule(pl.LightningModule):
         self._eval_count = torch.zeros((), dtype=torch.float64, device=device)
 
     def on_validation_epoch_start(self) -> None:
+        """Evaluation draws from a fork of the training RNG, so evaluating never changes the training stream."""
         self._reset_eval_metrics()
+        self._rng_before_eval = rng_state()
+
+    def on_validation_epoch_end(self) -> None:
+        set_rng_state(self._rng_before_eval)
+
+    def on_validation_model_eval(self) -> None:
+        super().on_validation_model_eval()
+        self.trainer.strategy.eval_mode(True)
+
+    def on_validation_model_train(self) -> None:
+        self.trainer.strategy.eval_mode(False)
+        super().on_validation_model_train()
 
     def validation_step(self, batch, batch_idx):
         """Per-sample MSE at t = timestep / 8 (no dropout, fresh noise); padding rows never count."""
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         inputs = fm.eval_inputs(batch, self.dtype_compute)
         per_sample = fm.per_sample_mse(self.predict(inputs), inputs.target)
-        valid = batch["valid"].to(torch.float64)
-        self._eval_sum += (per_sample.double() * valid).sum()
+        valid = batch["valid"]
+        self._eval_sum += torch.where(valid, per_sample.double(), 0.0).sum()
         self._eval_count += valid.sum()
 
     def eval_result(self) -> tuple[float, int]:
@@ -166,9 +189,15 @@ class FluxTrainingModule(pl.LightningModule):
         return total / count, int(count)
 
     # ------------------------------------------------------------------ checkpoint extras
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        if self._train_loader is not None:
-            checkpoint["train_loader"] = self._train_loader.state_dict()
+    def train_loader_state(self) -> dict | None:
+        """Train-loader position after the samples the optimizer steps consumed.
 
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.loader_state = checkpoint.get("train_loader")
+        Lightning fetches one batch ahead, so the loader's own count is one batch too far: the position is
+        ``global_step x (GBS / dp)`` samples into this rank's chunk.
+        """
+        if self._train_loader is None:
+            return self.loader_state
+        return {
+            **self._train_loader.state_dict(),
+            "samples_seen": self.trainer.global_step * self.local_batch_size,
+        }

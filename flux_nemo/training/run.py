@@ -99,20 +99,45 @@ def build_trainer(cfg: DictConfig, callbacks: list) -> pl.Trainer:
     )
 
 
-def run(cfg: DictConfig, config_filename: str = "conf/flux_schnell.yaml") -> RunResult:
-    """Train until the first evaluation at or below ``mlperf.target`` (or ``train.max_steps``)."""
+@dataclass
+class Run:
+    """A prepared run: trainer (with exp_manager's loggers and checkpointing), module and MLPerf callback."""
+
+    trainer: pl.Trainer
+    module: FluxTrainingModule
+    callback: MLPerfRunCallback
+    log_dir: Path | None
+
+    def fit(self) -> RunResult:
+        self.trainer.fit(self.module)
+        self.callback.finish(self.trainer)
+        cb = self.callback
+        return RunResult(
+            status=cb.status,
+            time_to_train_s=getattr(cb, "run_stop", time.time()) - getattr(cb, "run_start", time.time()),
+            steps=self.trainer.global_step,
+            evals=cb.evals,
+            log_dir=str(self.log_dir) if self.log_dir else None,
+            mlperf_log=os.fspath(self.module.cfg.mlperf.log_file)
+            if self.module.cfg.mlperf.log_file
+            else None,
+        )
+
+
+def prepare(cfg: DictConfig, config_filename: str = "conf/flux_schnell.yaml") -> Run:
+    """MLPerf ``init_start``, then the trainer, exp_manager and the (not yet built) module."""
     _setup_logging(None)
     _prepare_data(cfg)
     mllogger = MLPerfLogger(cfg.mlperf.log_file)
     mllogger.init_start()  # before the model is built
     model_config = flux_config(cfg)
     shapes = record_shapes(cfg, model_config)
-    img_tokens = (shapes.latent_size // 2) ** 2
-    flops = flops_per_sample(model_config, img_tokens, shapes.t5_len)
+    flops = flops_per_sample(model_config, (shapes.latent_size // 2) ** 2, shapes.t5_len)
     callback = MLPerfRunCallback(cfg, mllogger, flops, eval_every_steps(cfg), config_filename)
     trainer = build_trainer(cfg, [callback])
     log_dir = exp_manager(trainer, cfg.exp_manager)
-    _setup_logging(Path(log_dir) if log_dir else None)
+    log_dir = Path(log_dir) if log_dir else None
+    _setup_logging(log_dir)
     log.info(
         "run: GBS %d, evaluation every %d steps, %.4g TFLOP/sample, MLPerf log %s, run dir %s",
         cfg.train.global_batch_size,
@@ -121,14 +146,9 @@ def run(cfg: DictConfig, config_filename: str = "conf/flux_schnell.yaml") -> Run
         cfg.mlperf.log_file,
         log_dir,
     )
-    trainer.fit(FluxTrainingModule(cfg))
-    callback.finish(trainer)
-    return RunResult(
-        status=callback.status,
-        time_to_train_s=getattr(callback, "run_stop", time.time())
-        - getattr(callback, "run_start", time.time()),
-        steps=trainer.global_step,
-        evals=callback.evals,
-        log_dir=str(log_dir) if log_dir else None,
-        mlperf_log=os.fspath(cfg.mlperf.log_file) if cfg.mlperf.log_file else None,
-    )
+    return Run(trainer, FluxTrainingModule(cfg), callback, log_dir)
+
+
+def run(cfg: DictConfig, config_filename: str = "conf/flux_schnell.yaml") -> RunResult:
+    """Train until the first evaluation at or below ``mlperf.target`` (or ``train.max_steps``)."""
+    return prepare(cfg, config_filename).fit()

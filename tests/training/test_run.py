@@ -1,0 +1,107 @@
+"""End-to-end CPU runs of the tiny Flux through the recipe's code path (strategy, module, callbacks)."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_run import compose_cfg
+
+from flux_nemo.training.run import prepare, run
+
+
+def _events(log_file) -> list[dict]:
+    lines = Path(log_file).read_text().splitlines()
+    return [json.loads(line.split(":::MLLOG ", 1)[1]) for line in lines if ":::MLLOG " in line]
+
+
+def _losses(log_file) -> dict[int, float]:
+    return {
+        e["metadata"]["step"]: e["value"]["train_loss"]
+        for e in _events(log_file)
+        if e["key"] == "tracked_stats"
+    }
+
+
+def test_run_logs_the_mlperf_contract_and_evaluates_every_interval(tiny_data, run_dirs, tmp_path):
+    cfg = compose_cfg(*tiny_data, *run_dirs)
+    result = run(cfg)
+    assert result.steps == 6 and result.status == "aborted"  # the tiny run is far from the target
+    events = _events(cfg.mlperf.log_file)
+    keys = [e["key"] for e in events]
+    assert keys.index("init_start") < keys.index("seed") < keys.index("warmup_time") < keys.index("run_start")
+    values = {e["key"]: e["value"] for e in events}
+    assert values["evaluation_frequency"] == 96 and values["seed"] == 123
+    assert values["gradient_accumulation_steps"] == 2 and values["opt_base_learning_rate"] == 1e-3
+    evals = [(e["metadata"]["samples_count"], e["value"]) for e in events if e["key"] == "eval_accuracy"]
+    assert [n for n, _ in evals] == [96, 192] and all(0 < v < 3 for _, v in evals)
+    assert [s for s, _ in result.evals] == [96, 192]
+    assert keys[-1] == "run_stop" and events[-1]["metadata"]["status"] == "aborted"
+    losses = _losses(cfg.mlperf.log_file)
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6] and all(math.isfinite(v) for v in losses.values())
+    assert list(Path(result.log_dir).glob("flux_log_globalrank-0.txt"))
+
+
+def test_stop_and_resume_gives_the_same_losses(tiny_data, tmp_path):
+    def dirs(name):
+        return [f"mlperf.log_file={tmp_path}/{name}.txt", f"exp_manager.exp_dir={tmp_path}/{name}"]
+
+    ckpt = [
+        "exp_manager.create_checkpoint_callback=true",
+        "exp_manager.checkpoint_callback_params.every_n_train_steps=2",
+    ]
+    straight = compose_cfg(*tiny_data, *dirs("straight"))
+    run(straight)
+    first = compose_cfg(*tiny_data, *dirs("resumed"), *ckpt, "train.max_steps=4")
+    run(first)
+    assert list((tmp_path / "resumed").rglob("*last*")), "no checkpoint written"
+    second = compose_cfg(
+        *tiny_data,
+        *ckpt,
+        f"mlperf.log_file={tmp_path}/resumed2.txt",
+        f"exp_manager.exp_dir={tmp_path}/resumed",
+        "exp_manager.resume_if_exists=true",
+    )
+    result = run(second)
+    assert result.steps == 6
+    expected = _losses(straight.mlperf.log_file)
+    resumed = {**_losses(first.mlperf.log_file), **_losses(second.mlperf.log_file)}
+    assert sorted(_losses(second.mlperf.log_file)) == [5, 6]
+    assert resumed == pytest.approx(expected, rel=1e-6, abs=1e-7)
+
+
+def test_nonfinite_loss_stops_with_a_checkpoint(tiny_data, run_dirs, tmp_path):
+    cfg = compose_cfg(*tiny_data, *run_dirs, "train.lr=1e30", "train.warmup_steps=0", "train.max_steps=6")
+    result = run(cfg)
+    assert result.status == "aborted" and result.steps < 6
+    assert list(Path(result.log_dir).glob("checkpoints/nonfinite-step*/state.pt"))
+
+
+def test_warmup_and_eval_padding(tiny_data, run_dirs):
+    from flux_nemo.training.warmup import run_warmup, synthetic_batch
+
+    cfg = compose_cfg(*tiny_data, *run_dirs, "train.max_steps=2", "train.eval_every_samples=1000000")
+    prepared = prepare(cfg)
+    prepared.fit()
+    module, trainer = prepared.module, prepared.trainer
+    optimizer = trainer.strategy.optimizers[0]
+    weights = {k: v.clone() for k, v in module.flux.state_dict().items() if torch.is_tensor(v)}
+    state = {id(p): {k: v.clone() for k, v in s.items()} for p, s in optimizer.state.items()}
+    groups = [dict(g, params=None) for g in optimizer.param_groups]
+    run_warmup(module, 2)
+    for k, v in weights.items():
+        assert torch.equal(module.flux.state_dict()[k], v), k
+    for p, s in optimizer.state.items():
+        for k, v in s.items():
+            assert torch.equal(v, state[id(p)][k]), k
+    assert [dict(g, params=None) for g in optimizer.param_groups] == groups
+
+    batch = synthetic_batch(module.shapes, 8, module.device)
+    batch["valid"][5:] = False
+    batch["mean"][5:] = float("nan")  # padding rows never count, whatever they hold
+    module.on_validation_epoch_start()
+    with torch.no_grad():
+        module.validation_step(batch, 0)
+    value, count = module.eval_result()
+    assert count == 5 and math.isfinite(value)
