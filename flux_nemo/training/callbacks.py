@@ -9,6 +9,7 @@
     each evaluation:    block_stop, eval_start, eval_accuracy, eval_stop; stop at the first value <= target,
                         else block_start
     on_train_end:       run_stop("success" if the last eval met the target, else "aborted")
+    SIGTERM (Lightning raises SIGTERMException) / SIGUSR1: checkpoint, run_stop("aborted"), clean exit
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from flux_nemo.mlperf import constants as C
 from flux_nemo.training.optim import warmup_constant_lr
@@ -57,8 +59,9 @@ class MLPerfRunCallback(Callback):
         start = time.time()
         run_warmup(module, self.cfg.train.synthetic_warmup_steps)
         self.mllogger.warmup_time(time.time() - start)
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._on_signal)
+        # SIGTERM: Lightning raises SIGTERMException at the next loop boundary (handled in on_exception);
+        # SIGUSR1 (Slurm's pre-timeout signal): we stop at the next log interval.
+        self._previous_sigusr1 = signal.signal(signal.SIGUSR1, self._on_signal)
         if dist.is_initialized():
             dist.barrier()
         self.mllogger.init_stop_run_start()
@@ -219,6 +222,9 @@ class MLPerfRunCallback(Callback):
         self.finish(trainer)
 
     def on_exception(self, trainer, module, exception) -> None:
+        if isinstance(exception, SIGTERMException) and self._running:
+            log.warning("SIGTERM at step %d: saving a checkpoint and stopping", trainer.global_step)
+            self._stop_with_checkpoint(trainer, f"preempted-step{trainer.global_step}")
         self.status = "aborted"
         self.finish(trainer)
 
@@ -227,6 +233,7 @@ class MLPerfRunCallback(Callback):
         if not self._running:
             return
         self._running = False
+        signal.signal(signal.SIGUSR1, self._previous_sigusr1)
         self._block_stop(trainer)
         self.run_stop = time.time()
         self.mllogger.run_stop(self.status, trainer.global_step * self.gbs)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from nemo.utils.exp_manager import exp_manager
 from omegaconf import DictConfig
 
@@ -109,7 +110,10 @@ class Run:
     log_dir: Path | None
 
     def fit(self) -> RunResult:
-        self.trainer.fit(self.module)
+        try:
+            self.trainer.fit(self.module)
+        except SIGTERMException:
+            log.warning("stopped by SIGTERM after step %d (checkpoint saved)", self.trainer.global_step)
         self.callback.finish(self.trainer)
         cb = self.callback
         return RunResult(

@@ -105,3 +105,21 @@ def test_warmup_and_eval_padding(tiny_data, run_dirs):
         module.validation_step(batch, 0)
     value, count = module.eval_result()
     assert count == 5 and math.isfinite(value)
+
+
+def test_sigterm_saves_a_checkpoint_and_stops(tiny_data, run_dirs):
+    import os
+    import signal
+
+    from lightning.pytorch.callbacks import Callback
+
+    class Preempt(Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    prepared = prepare(compose_cfg(*tiny_data, *run_dirs))
+    prepared.trainer.callbacks.insert(0, Preempt())
+    result = prepared.fit()
+    assert result.steps == 2 and result.status == "aborted"
+    assert (Path(result.log_dir) / "checkpoints" / "preempted-step2" / "state.pt").exists()

@@ -1,0 +1,57 @@
+"""The GPU path: Megatron DDP + distributed optimizer (get_megatron_optimizer), bf16, Megatron dist checkpoints."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_run import compose_cfg
+
+from flux_nemo.training.run import prepare
+
+pytestmark = pytest.mark.gpu
+
+GPU = ["system=h100_1x8", "system.devices=1", "precision=bf16", "model.backend=local"]
+
+
+def _losses(log_file) -> dict[int, float]:
+    out = {}
+    for line in Path(log_file).read_text().splitlines():
+        if ":::MLLOG " in line and '"tracked_stats"' in line:
+            event = json.loads(line.split(":::MLLOG ", 1)[1])
+            out[event["metadata"]["step"]] = event["value"]["train_loss"]
+    return out
+
+
+def test_megatron_ddp_distributed_optimizer_and_dist_checkpoint_resume(tiny_data, tmp_path):
+    from megatron.core.distributed import DistributedDataParallel
+    from megatron.core.optimizer import MegatronOptimizer
+
+    ckpt = [
+        "exp_manager.create_checkpoint_callback=true",
+        "exp_manager.checkpoint_callback_params.every_n_train_steps=2",
+    ]
+
+    def dirs(name, exp):
+        return [f"mlperf.log_file={tmp_path}/{name}.txt", f"exp_manager.exp_dir={tmp_path}/{exp}"]
+
+    straight = prepare(compose_cfg(*GPU, *tiny_data, *dirs("straight", "straight")))
+    straight.fit()
+    assert isinstance(straight.module.flux, DistributedDataParallel)
+    assert isinstance(straight.trainer.strategy.optimizers[0], MegatronOptimizer)
+    assert next(straight.module.flux.parameters()).dtype == torch.bfloat16
+    expected = _losses(straight.module.cfg.mlperf.log_file)
+    assert sorted(expected) == [1, 2, 3, 4, 5, 6] and all(math.isfinite(v) for v in expected.values())
+
+    first = prepare(compose_cfg(*GPU, *tiny_data, *ckpt, *dirs("first", "resumed"), "train.max_steps=4"))
+    first.fit()
+    assert list((tmp_path / "resumed").rglob("*last*/metadata.json")), "no Megatron distributed checkpoint"
+    second = prepare(
+        compose_cfg(*GPU, *tiny_data, *ckpt, *dirs("second", "resumed"), "exp_manager.resume_if_exists=true")
+    )
+    result = second.fit()
+    assert result.steps == 6
+    resumed = _losses(second.module.cfg.mlperf.log_file)
+    assert sorted(resumed) == [5, 6]
+    assert resumed == pytest.approx({k: expected[k] for k in (5, 6)}, rel=1e-3)
