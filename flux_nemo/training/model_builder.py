@@ -6,6 +6,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from flux_nemo.model import FluxConfig, build_flux
+from flux_nemo.training.block_runner import block_runner
 
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 _NON_FIELDS = ("flavor", "backend")
@@ -48,6 +49,7 @@ def backend(cfg: DictConfig) -> str:
 
 
 def build_model(cfg: DictConfig, device: torch.device) -> torch.nn.Module:
-    """The initialised Flux network on ``device`` (fp32 parameters: master weights on CPU)."""
-    model = build_flux(flux_config(cfg), backend=backend(cfg))
+    """The initialised Flux network on ``device`` (fp32 parameters: master weights on CPU), with the block runner
+    (recompute / FP8 context) that ``parallel.recompute`` and ``precision.fp8`` ask for."""
+    model = build_flux(flux_config(cfg), backend=backend(cfg), block_runner=block_runner(cfg))
     return model.to(device)
