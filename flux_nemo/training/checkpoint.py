@@ -64,11 +64,18 @@ def _lightning_state(checkpoint: dict) -> dict:
     return {k: v for k, v in checkpoint.items() if k not in _LIGHTNING_TENSOR_KEYS}
 
 
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The Flux network inside Megatron's DDP / Float16Module wrappers (their ``.module``)."""
+    while not hasattr(model, "double_blocks") and hasattr(model, "module"):
+        model = model.module
+    return model
+
+
 def megatron_sharded_state_dict(strategy, checkpoint: dict | None, is_loading: bool) -> dict:
-    """The run's sharded state for ``dist_checkpointing`` (GPU path)."""
+    """The run's sharded state for ``dist_checkpointing`` (GPU path); keys are the Flux parameter names."""
     module = strategy.lightning_module
     rank, world = _rank_world()
-    model_sd = module.flux.sharded_state_dict()
+    model_sd = unwrap(module.flux).sharded_state_dict()
     state = {
         "model": model_sd,
         "optimizer": strategy.optimizers[0].sharded_state_dict(model_sd, is_loading=is_loading),
@@ -92,7 +99,7 @@ def save(strategy, checkpoint: dict, filepath) -> None:
         return
     module = strategy.lightning_module
     state = {
-        "model": module.flux.state_dict(),
+        "model": unwrap(module.flux).state_dict(),
         "optimizer": strategy.optimizers[0].state_dict(),
         "rank_state": _rank_state(module),
         "lightning": _lightning_state(checkpoint),
@@ -115,7 +122,7 @@ def load(strategy, checkpoint_path) -> dict:
             raise FileNotFoundError(f"not a flux-nemo CPU checkpoint (no {_CPU_FILE}): {path}")
         state = torch.load(path / _CPU_FILE, map_location="cpu", weights_only=False)
         strategy.optimizers[0].load_state_dict(state["optimizer"])
-    module.flux.load_state_dict(state["model"], strict=True)
+    unwrap(module.flux).load_state_dict(state["model"], strict=True)
     _restore_rank_state(module, state["rank_state"])
     return {**state["lightning"], "optimizer_states": []}
 

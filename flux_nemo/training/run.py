@@ -15,6 +15,7 @@ from nemo.utils.exp_manager import exp_manager
 from omegaconf import DictConfig
 
 from flux_nemo.mlperf.logger import MLPerfLogger, global_rank
+from flux_nemo.training.block_runner import validate as validate_options
 from flux_nemo.training.callbacks import MLPerfRunCallback
 from flux_nemo.training.config import eval_every_steps
 from flux_nemo.training.data import ensure_synthetic_data, record_shapes
@@ -53,7 +54,11 @@ def _setup_logging(log_dir: Path | None) -> None:
         handler.setFormatter(fmt)
         logger.addHandler(handler)
     if log_dir is not None:
+        for old in [h for h in logger.handlers if getattr(h, "_flux_file", False)]:
+            logger.removeHandler(old)  # one run directory per run (tests run several in a process)
+            old.close()
         handler = logging.FileHandler(log_dir / f"flux_log_globalrank-{global_rank()}.txt")
+        handler._flux_file = True
         handler.setFormatter(fmt)
         logger.addHandler(handler)
     logger.propagate = False
@@ -131,6 +136,7 @@ class Run:
 def prepare(cfg: DictConfig, config_filename: str = "conf/flux_schnell.yaml") -> Run:
     """MLPerf ``init_start``, then the trainer, exp_manager and the (not yet built) module."""
     _setup_logging(None)
+    validate_options(cfg)
     _prepare_data(cfg)
     mllogger = MLPerfLogger(cfg.mlperf.log_file)
     mllogger.init_start()  # before the model is built
