@@ -64,12 +64,20 @@ def _setup_logging(log_dir: Path | None) -> None:
     logger.propagate = False
 
 
+def launch_rank(cfg: DictConfig) -> int:
+    """Global rank before torch.distributed starts: $RANK / $SLURM_PROCID, or Lightning's own process launch
+    (``devices > 1`` without torchrun sets only NODE_RANK and LOCAL_RANK in the processes it starts)."""
+    if "RANK" not in os.environ and "SLURM_PROCID" not in os.environ and "LOCAL_RANK" in os.environ:
+        return int(os.environ.get("NODE_RANK", 0)) * cfg.trainer.devices + int(os.environ["LOCAL_RANK"])
+    return global_rank()
+
+
 def _prepare_data(cfg: DictConfig) -> None:
     """``data=synthetic``: rank 0 writes the data if missing; other ranks wait for it (pre-init, untimed)."""
     if cfg.data.kind != "synthetic":
         return
     marker = Path(cfg.data.empty_encodings_path) / "clip_empty.npy"
-    if global_rank() == 0:
+    if launch_rank(cfg) == 0:
         ensure_synthetic_data(cfg, record_shapes(cfg, flux_config(cfg)))
     deadline = time.time() + 600
     while not marker.exists():
@@ -138,7 +146,7 @@ def prepare(cfg: DictConfig, config_filename: str = "conf/flux_schnell.yaml") ->
     _setup_logging(None)
     validate_options(cfg)
     _prepare_data(cfg)
-    mllogger = MLPerfLogger(cfg.mlperf.log_file)
+    mllogger = MLPerfLogger(cfg.mlperf.log_file, rank=launch_rank(cfg))
     mllogger.init_start()  # before the model is built
     model_config = flux_config(cfg)
     shapes = record_shapes(cfg, model_config)
