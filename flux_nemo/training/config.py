@@ -91,6 +91,9 @@ class ParallelConfig:
     overlap_param_gather: bool = True
     bucket_size: int | None = None
     num_distributed_optimizer_instances: int = 1
+    gradient_accumulation_fusion: bool = (
+        True  # TE linears write wgrad into Megatron's fp32 main_grad (GPU, te)
+    )
 
 
 @dataclass

@@ -35,6 +35,8 @@ def flux_config(cfg: DictConfig) -> FluxConfig:
     )
     if torch.cuda.is_available() and compute_dtype(cfg) == torch.bfloat16:
         fields.update(bf16=True, params_dtype=torch.float32)  # Megatron's Float16Module casts to bf16
+    if torch.cuda.is_available() and backend(cfg) == "te":
+        fields.update(gradient_accumulation_fusion=par.gradient_accumulation_fusion)
     return FluxConfig.from_flavor(cfg.model.flavor, **fields)
 
 
