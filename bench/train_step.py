@@ -1,10 +1,12 @@
 """Training-step benchmark: flux-nemo (TE spec) against diffusers' FluxTransformer2DModel, in one process.
 
-Ours: the ``te`` spec, bf16 parameters, Megatron DDP with the distributed optimizer (fp32 master weights and
-Adam state, fp32 gradient reduction), global grad-norm clip 1.0, FP8 recipes through Megatron's FP8 context per
-block. Peer: diffusers, bf16 parameters, fused torch AdamW, eager and torch.compile.
+Ours: built by the training path from the recipe's Hydra config (``te`` spec, bf16 compute, Megatron DDP with the
+distributed optimizer: fp32 master weights and Adam state, fp32 gradient reduction, clip 1.0; FP8 and block
+recompute through the training block runner). Peer: diffusers, bf16 parameters, fused torch AdamW, eager and
+torch.compile (one GPU only).
 
     python bench/train_step.py --double 2 --single 4 --mbs 16 --precision bf16 fp8_delayed --peer eager
+    torchrun --nproc_per_node 4 bench/train_step.py --double 19 --single 38 --mbs 4 --tp 2 --recompute block
 
 Prints ms/step (median), samples/s, model TFLOP/s per GPU (0.3574 TFLOP per block per sample at 256 + 256
 tokens, MLPerf accounting) and peak memory, then a table with the ratio to the first peer row.
@@ -19,18 +21,18 @@ import os
 import statistics
 import sys
 import traceback
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from bench.peer_diffusers import build_peer, peer_batch, peer_step  # noqa: E402
 
 TFLOP_PER_BLOCK = 0.3574  # per sample, fwd + bwd, 256 image + 256 text tokens
-FP8_RECIPES = {"fp8_delayed": ("hybrid", "delayed"), "fp8_current": ("e4m3", "tensorwise"),
-               "fp8_block": ("e4m3", "blockwise")}  # fmt: skip
+RANK = int(os.environ.get("RANK", "0"))
+PRECISIONS = ("bf16", "fp8_delayed", "fp8_current", "fp8_block")  # conf/precision/*.yaml
 
 
 def time_steps(step, steps: int, warmup: int) -> list[float]:
@@ -49,40 +51,36 @@ def time_steps(step, steps: int, warmup: int) -> list[float]:
     return times
 
 
+def compose_config(args, precision: str):
+    """The recipe's own Hydra config (conf/), with this benchmark's depth, precision and parallel layout."""
+    from hydra import compose, initialize_config_dir
+
+    import flux_nemo.training.config  # noqa: F401  (registers the typed schema)
+
+    overrides = [
+        "model=schnell", f"model.num_double_blocks={args.double}", f"model.num_single_blocks={args.single}",
+        "model.backend=te", f"precision={precision}", f"parallel.recompute={args.recompute}",
+        f"parallel.tensor_model_parallel_size={args.tp}", "parallel.sequence_parallel=false",
+        f"train.micro_batch_size={args.mbs}",
+    ]  # fmt: skip
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        return compose("flux_schnell", overrides=overrides)
+
+
 def build_ours(args, precision: str):
-    """Our model, wrapped in Megatron DDP + distributed optimizer exactly as the GPU training path does."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.fp8_utils import get_fp8_context
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    """Our network exactly as the training path builds it: ``build_model`` (block runner for FP8 / recompute),
+    Megatron DDP + distributed optimizer (``wrap_megatron_ddp``) and the MLPerf AdamW (fp32 master weights)."""
+    from flux_nemo.training.model_builder import build_model, compute_dtype
+    from flux_nemo.training.optim import build_megatron_optimizer, megatron_optimizer_config
+    from flux_nemo.training.strategy import wrap_megatron_ddp
 
-    from flux_nemo.model import FluxConfig, build_flux
-
-    fp8, recipe = FP8_RECIPES.get(precision, (None, "delayed"))
-    config = FluxConfig.from_flavor(
-        "schnell", num_double_blocks=args.double, num_single_blocks=args.single,
-        params_dtype=torch.bfloat16, bf16=True, fp8=fp8, fp8_recipe=recipe,
-        use_cpu_initialization=False, gradient_accumulation_fusion=args.grad_acc_fusion,
+    cfg = compose_config(args, precision)
+    model = wrap_megatron_ddp(build_model(cfg, torch.device("cuda")), cfg)
+    opt_config = megatron_optimizer_config(
+        1e-4, compute_dtype(cfg), cfg.parallel.use_distributed_optimizer,
+        overlap_param_gather=cfg.parallel.overlap_param_gather,
     )  # fmt: skip
-    compiled = {}
-
-    def run_block(block, *inputs):
-        if args.compile_blocks:  # fuse the eager elementwise work between TE kernels
-            block = compiled.setdefault(id(block), torch.compile(block))
-        with get_fp8_context(config) if fp8 else nullcontext():
-            return block(*inputs)
-
-    model = build_flux(config, backend="te", block_runner=run_block)
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=True, overlap_param_gather=True,
-        use_distributed_optimizer=True, bucket_size=40_000_000,
-    )  # fmt: skip
-    model = DistributedDataParallel(config, ddp_config, model)
-    opt_config = OptimizerConfig(
-        optimizer="adam", lr=1e-4, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8,
-        clip_grad=1.0, bf16=True, params_dtype=torch.bfloat16, use_distributed_optimizer=True,
-    )  # fmt: skip
-    optimizer = get_megatron_optimizer(opt_config, [model], config_overrides={})  # wd on every parameter
-    return model, optimizer
+    return model, build_megatron_optimizer([model], opt_config)
 
 
 def our_batch(batch: int, device):
@@ -106,16 +104,18 @@ def our_step(model, optimizer, batch):
 
 
 def measure(name, step, args, blocks: int) -> dict:
+    """Median step time; samples/s and TFLOP/s are per GPU (a micro-batch is shared by ``--tp`` GPUs)."""
     torch.cuda.reset_peak_memory_stats()
     times = time_steps(step, args.steps, args.warmup)
     ms = statistics.median(times)
-    sps = args.mbs / (ms / 1e3)
+    sps = args.mbs / args.tp / (ms / 1e3)
     row = {
         "name": name, "ms_per_step": round(ms, 2), "spread_ms": round(max(times) - min(times), 2),
         "samples_per_s": round(sps, 1), "model_tflops": round(sps * TFLOP_PER_BLOCK * blocks, 1),
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
     }  # fmt: skip
-    print(json.dumps(row), flush=True)
+    if RANK == 0:
+        print(json.dumps(row), flush=True)
     return row
 
 
@@ -128,10 +128,10 @@ def main() -> None:
     parser.add_argument("--mbs", type=int, default=16)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--precision", nargs="+", default=["bf16"], choices=["bf16", *FP8_RECIPES])
+    parser.add_argument("--precision", nargs="+", default=["bf16"], choices=PRECISIONS)
     parser.add_argument("--peer", nargs="*", default=["eager"], choices=["eager", "compile"])
-    parser.add_argument("--grad-acc-fusion", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--compile-blocks", action="store_true", help="torch.compile each block")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (run under torchrun)")
+    parser.add_argument("--recompute", default="none", choices=["none", "block"])
     parser.add_argument("--json", type=Path, help="write all rows here")
     args = parser.parse_args()
 
@@ -139,12 +139,15 @@ def main() -> None:
 
     os.environ.setdefault("NVTE_FLASH_ATTN", "0")  # TE picks cuDNN fused attention on Hopper
     torch.backends.cuda.enable_cudnn_sdp(False)  # cuDNN SDPA backward fails on the host (gpu-host README)
-    initialize_megatron()
+    initialize_megatron(tensor_model_parallel_size=args.tp)
+    world = torch.distributed.get_world_size()
     device = torch.device("cuda")
     blocks = args.double + args.single
-    print(f"# {torch.cuda.get_device_name()}  blocks {args.double}+{args.single}  mbs {args.mbs}", flush=True)
+    if RANK == 0:
+        print(f"# {torch.cuda.get_device_name()} x{world}  blocks {args.double}+{args.single}  mbs {args.mbs}"
+              f"  tp {args.tp}  recompute {args.recompute}", flush=True)  # fmt: skip
     rows = []
-    for mode in args.peer:
+    for mode in args.peer if world == 1 else []:
         model, fwd, opt = build_peer(args.double, args.single, device, compile_model=mode == "compile")
         batch = peer_batch(args.mbs, device)
         rows.append(measure(f"diffusers {mode}", functools.partial(peer_step, fwd, opt, batch), args, blocks))
@@ -164,6 +167,8 @@ def main() -> None:
         model = opt = batch = None
         torch.cuda.empty_cache()
 
+    if RANK != 0 or not rows:
+        return
     base = rows[0]["ms_per_step"]
     print(f"\n{'step':<24}{'ms':>9}{'samples/s':>11}{'TFLOP/s':>9}{'GiB':>7}{'x peer':>8}")
     for r in rows:

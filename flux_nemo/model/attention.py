@@ -58,10 +58,24 @@ class SDPAttention(MegatronModule):
         """``[s, b, np, hn]`` q, k, v -> ``[s, b, np * hn]``."""
         if attention_mask is not None:
             raise ValueError("Flux attention is unmasked")
+        if self.config.context_parallel_size > 1:
+            # This rank holds a slice of the tokens: attend to the keys and values of all of them.
+            # One collective for both keeps every rank's backward collectives in the same order.
+            key, value = gather_sequence(torch.stack([key, value])).unbind(0)  # [s * cp, b, np, hn]
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [b, np, s, hn]
         dropout = self.dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=self.softmax_scale)
         return out.permute(2, 0, 1, 3).flatten(2)  # [s, b, np * hn]
+
+
+def gather_sequence(t: Tensor) -> Tensor:
+    """All-gather ``[n, s, ...]`` over the context-parallel group along the sequence (dim 1); autograd sums the
+    gradients of the gathered copies back onto their owners. Unmasked attention is invariant to the token
+    order, so each rank may hold any slice of the joint sequence as long as its RoPE angles travel with it."""
+    from torch.distributed.nn.functional import all_gather
+
+    group = parallel_state.get_context_parallel_group()
+    return torch.cat(all_gather(t, group=group), dim=1)
 
 
 class RMSNorm(torch.nn.RMSNorm):

@@ -172,11 +172,6 @@ class FluxConfig(TransformerConfig):
                 "must be 1: the Flux model is not pipeline-parallel",
             ),
             (
-                self.context_parallel_size != 1,
-                "context_parallel_size",
-                "must be 1: the Flux model does not split the sequence",
-            ),
-            (
                 self.sequence_parallel,
                 "sequence_parallel",
                 "must be False: the joint text + image sequence is not sequence-parallel",
