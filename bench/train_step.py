@@ -92,13 +92,15 @@ def our_batch(batch: int, device):
 
 
 def our_step(model, optimizer, batch):
+    from megatron.core.distributed import finalize_model_grads
+
     img, txt, y, t, img_ids, txt_ids, target = batch
     model.zero_grad_buffer()
     optimizer.zero_grad()
     pred = model(img, txt, y, t, img_ids, txt_ids)
     loss = torch.nn.functional.mse_loss(pred.float(), target.float())
     loss.backward()
-    model.finish_grad_sync()
+    finalize_model_grads([model])
     optimizer.step()
     return loss.detach()
 

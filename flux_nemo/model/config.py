@@ -77,6 +77,10 @@ class FluxConfig(TransformerConfig):
     normalization: str = "RMSNorm"
     """The only learnable norm in Flux is the QK RMSNorm (its LayerNorms have no affine parameters)."""
 
+    qk_layernorm: bool = True
+    """Flux normalises q and k per head. Megatron's ``finalize_model_grads`` reads this flag to sum the QK-norm
+    weight gradients over tensor-parallel ranks (each rank normalises only its own heads)."""
+
     layernorm_epsilon: float = 1e-6
     """Epsilon of the (non-affine) LayerNorms before modulation."""
 

@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from flux_nemo import flow_matching as fm
 from flux_nemo.training.checkpoint import rng_state, set_rng_state
 from flux_nemo.training.config import check_batch_sizes, resolve_lr_warmup
+from flux_nemo.training.context_parallel import average_over_context_parallel, shard_inputs
 from flux_nemo.training.data import build_loaders, load_empty, record_shapes
 from flux_nemo.training.model_builder import build_model, compute_dtype
 from flux_nemo.training.optim import set_lr, warmup_constant_lr
@@ -100,6 +101,7 @@ class FluxTrainingModule(pl.LightningModule):
     def train_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Reference training loss of one micro-batch (fresh posterior sample, CFG dropout, t ~ U[0, 1))."""
         inputs = fm.training_inputs(batch, self.empty, self.dtype_compute, self.cfg.train.cfg_dropout)
+        inputs = shard_inputs(inputs)  # context parallel: this rank's tokens (same draws on every CP rank)
         return fm.mse_loss(self.predict(inputs), inputs.target)
 
     def forward_backward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -140,9 +142,11 @@ class FluxTrainingModule(pl.LightningModule):
         if self._window_steps == 0:
             return None
         stats = torch.stack([self._loss_sum, self._grad_norm_sum]) / self._window_steps
-        if dist.is_initialized():
-            dist.all_reduce(stats, group=parallel_state.get_data_parallel_group())
-            stats /= parallel_state.get_data_parallel_world_size()
+        if (
+            dist.is_initialized()
+        ):  # context-parallel ranks hold the losses of different tokens: average them too
+            dist.all_reduce(stats, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+            stats /= parallel_state.get_data_parallel_world_size(with_context_parallel=True)
         loss, grad_norm = stats.tolist()
         self._reset_train_metrics()
         return {"loss": loss, "grad_norm": grad_norm}
@@ -172,8 +176,8 @@ class FluxTrainingModule(pl.LightningModule):
     def validation_step(self, batch, batch_idx):
         """Per-sample MSE at t = timestep / 8 (no dropout, fresh noise); padding rows never count."""
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        inputs = fm.eval_inputs(batch, self.dtype_compute)
-        per_sample = fm.per_sample_mse(self.predict(inputs), inputs.target)
+        inputs = shard_inputs(fm.eval_inputs(batch, self.dtype_compute))
+        per_sample = average_over_context_parallel(fm.per_sample_mse(self.predict(inputs), inputs.target))
         valid = batch["valid"]
         self._eval_sum += torch.where(valid, per_sample.double(), 0.0).sum()
         self._eval_count += valid.sum()

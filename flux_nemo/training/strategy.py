@@ -143,8 +143,11 @@ class MegatronStrategy(DDPStrategy):
         return self.lightning_module.flux.no_sync()
 
     def finish_grad_sync(self) -> None:
+        """Megatron: data-parallel grad reduction, plus the tensor-parallel sum of the QK-norm weight grads."""
         if self.megatron:
-            self.lightning_module.flux.finish_grad_sync()
+            from megatron.core.distributed import finalize_model_grads
+
+            finalize_model_grads([self.lightning_module.flux])
 
     def optimizer_step(self, optimizer, closure, model=None, **kwargs) -> torch.Tensor:
         """Clip to global L2 norm 1.0 and step; returns the pre-clip grad norm as a tensor on the device.

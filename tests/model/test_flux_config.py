@@ -76,7 +76,6 @@ def test_replace_keeps_derived_fields_consistent():
         (dict(mlp_ratio=4.001), "mlp_ratio"),
         (dict(num_double_blocks=0, num_single_blocks=0), "num_single_blocks"),
         (dict(normalization="LayerNorm"), "normalization"),
-        (dict(context_parallel_size=2), "context_parallel_size"),
         (dict(pipeline_model_parallel_size=2, pipeline_dtype=torch.float32), "pipeline_model_parallel_size"),
         (dict(sequence_parallel=True, tensor_model_parallel_size=2), "sequence_parallel"),
         (dict(gated_linear_unit=True), "gated_linear_unit"),
