@@ -1,5 +1,7 @@
-"""Context parallelism: two ranks, each with half of the text and half of the image tokens, reproduce the
-CP=1 output and gradients (CPU: gloo + the local spec in float64; GPU: NCCL + Transformer Engine in bf16)."""
+"""Two ranks reproduce the single-rank output and gradients of Flux under
+  * context parallelism (each rank holds half of the text and half of the image tokens), and
+  * tensor parallelism (each rank holds half of the heads and of the MLP width),
+on CPU (gloo + the local spec in float64, exact) and on GPU (NCCL + Transformer Engine in bf16)."""
 
 import os
 import socket
@@ -13,7 +15,7 @@ import torch
 from flux_nemo.flow_matching import ModelInputs
 from flux_nemo.model import FluxConfig, build_flux
 
-WORKER = Path(__file__).with_name("cp_worker.py")
+WORKER = Path(__file__).with_name("parallel_worker.py")
 
 
 def free_port() -> int:
@@ -38,7 +40,7 @@ def reference_run(backend: str, dtype: torch.dtype, device: str) -> dict:
             p.copy_(1 + 0.1 * noise if "layernorm" in name else 0.05 * noise)
     b, h, w, txt_len = 2, 4, 4, 8  # 16 image tokens and 8 text tokens, split in two
     rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    img_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(1, h * w, 3).float()
+    img_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(1, h * w, 3).double()
     kw = {"generator": gen, "dtype": dtype}
     inputs = ModelInputs(
         img=torch.randn(b, h * w, config.in_channels, **kw),
@@ -51,7 +53,7 @@ def reference_run(backend: str, dtype: torch.dtype, device: str) -> dict:
     )
     dev = ModelInputs(*(t.to(device) for t in inputs))
     out = model(dev.img, dev.txt, dev.y, dev.timesteps, dev.img_ids, dev.txt_ids)
-    (out.float() * dev.target.float()).sum().backward()
+    (out.double() * dev.target.double()).sum().backward()
     weights = {k: v.cpu() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
     grads = {n: p.grad.detach().cpu() for n, p in model.named_parameters()}
     fields = {k: v for k, v in config_fields.items() if k not in ("bf16", "use_cpu_initialization")}
@@ -85,21 +87,24 @@ def run_ranks(data: dict, tmp_path: Path) -> list[str]:
         stdout, stderr = worker.communicate(timeout=360)
         print(stdout)
         assert worker.returncode == 0, stderr[-4000:]
-        assert "CP-OK" in stdout
+        assert "PARALLEL-OK" in stdout
         outputs.append(stdout)
     return outputs
 
 
-def test_context_parallel_matches_cp1_on_cpu(megatron_world, tmp_path):
+@pytest.mark.parametrize("mode", ["cp", "tp"])
+def test_two_ranks_match_one_on_cpu(megatron_world, tmp_path, mode):
     data = reference_run("local", torch.float64, "cpu")
-    data.update(tol_out=1e-10, tol_grad=1e-10)
+    data.update(mode=mode, tol_out=1e-10, tol_grad=1e-10)
     run_ranks(data, tmp_path)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-def test_context_parallel_matches_cp1_with_transformer_engine(megatron_world, tmp_path):
+@pytest.mark.parametrize("mode", ["cp", "tp"])
+def test_two_ranks_match_one_with_transformer_engine(megatron_world, tmp_path, mode):
     pytest.importorskip("transformer_engine")
     data = reference_run("te", torch.bfloat16, "cuda")
-    data.update(tol_out=3e-2, tol_grad=5e-2)  # bf16: ring attention sums partial softmaxes in another order
+    # bf16: partial softmaxes (CP ring) and partial GEMM sums (TP all-reduce) round in another order.
+    data.update(mode=mode, tol_out=3e-2, tol_grad=5e-2)
     run_ranks(data, tmp_path)
