@@ -15,6 +15,7 @@ tokens, MLPerf accounting) and peak memory, then a table with the ratio to the f
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -91,15 +92,18 @@ def our_batch(batch: int, device):
     )  # fmt: skip
 
 
-def our_step(model, optimizer, batch):
+def our_step(model, optimizer, batch, micro_batches: int = 1):
+    """One optimizer step over ``micro_batches`` micro-batches (gradient reduction on the last one only)."""
     from megatron.core.distributed import finalize_model_grads
 
     img, txt, y, t, img_ids, txt_ids, target = batch
     model.zero_grad_buffer()
     optimizer.zero_grad()
-    pred = model(img, txt, y, t, img_ids, txt_ids)
-    loss = torch.nn.functional.mse_loss(pred.float(), target.float())
-    loss.backward()
+    for i in range(micro_batches):
+        with model.no_sync() if i < micro_batches - 1 else contextlib.nullcontext():
+            pred = model(img, txt, y, t, img_ids, txt_ids)
+            loss = torch.nn.functional.mse_loss(pred.float(), target.float())
+            loss.backward()
     finalize_model_grads([model])
     optimizer.step()
     return loss.detach()
@@ -110,7 +114,7 @@ def measure(name, step, args, blocks: int) -> dict:
     torch.cuda.reset_peak_memory_stats()
     times = time_steps(step, args.steps, args.warmup)
     ms = statistics.median(times)
-    sps = args.mbs / args.tp / (ms / 1e3)
+    sps = args.mbs * args.micro_batches / args.tp / (ms / 1e3)
     row = {
         "name": name, "ms_per_step": round(ms, 2), "spread_ms": round(max(times) - min(times), 2),
         "samples_per_s": round(sps, 1), "model_tflops": round(sps * TFLOP_PER_BLOCK * blocks, 1),
@@ -134,6 +138,7 @@ def main() -> None:
     parser.add_argument("--peer", nargs="*", default=["eager"], choices=["eager", "compile"])
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (run under torchrun)")
     parser.add_argument("--recompute", default="none", choices=["none", "block"])
+    parser.add_argument("--micro-batches", type=int, default=1, help="micro-batches per optimizer step")
     parser.add_argument("--json", type=Path, help="write all rows here")
     args = parser.parse_args()
 
@@ -161,7 +166,10 @@ def main() -> None:
             batch = our_batch(args.mbs, device)
             rows.append(
                 measure(
-                    f"flux-nemo {precision}", functools.partial(our_step, model, opt, batch), args, blocks
+                    f"flux-nemo {precision}",
+                    functools.partial(our_step, model, opt, batch, args.micro_batches),
+                    args,
+                    blocks,
                 )
             )
         except Exception:  # report every precision, even when one recipe fails on this card

@@ -58,6 +58,7 @@ def run_warmup(module, steps: int) -> None:
     for _ in range(steps):
         module.forward_backward(train_batch)
         strategy.optimizer_step(optimizer, closure=lambda: None)
+    module._reset_eval_metrics()  # accumulators on the module's device (created before it was moved)
     module.flux.eval()
     strategy.eval_mode(True)
     with torch.no_grad():
