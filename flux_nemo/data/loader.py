@@ -260,6 +260,11 @@ def _source(path, shapes: RecordShapes, fmt: str):
     return src
 
 
+def _build(loader_cls, path, shapes: RecordShapes, fmt: str, **kwargs):
+    src = _source(path, shapes, fmt)
+    return src, loader_cls(src, shapes=shapes, **kwargs)
+
+
 def build_train_loader(
     path,
     *,
@@ -273,25 +278,13 @@ def build_train_loader(
     prefetch_factor: int = 2,
 ) -> TrainLoader:
     """Infinite in-order train loader of dp rank ``dp_rank``'s contiguous chunk of ``path`` (``data.train_path``)."""
-    src = _source(path, shapes, fmt)
-    loader = TrainLoader(
-        src,
-        dp_rank=dp_rank,
-        dp_world=dp_world,
-        micro_batch_size=micro_batch_size,
-        num_workers=num_workers,
-        pin_memory=pin_memory,
+    src, loader = _build(
+        TrainLoader, path, shapes, fmt, dp_rank=dp_rank, dp_world=dp_world,
+        micro_batch_size=micro_batch_size, num_workers=num_workers, pin_memory=pin_memory,
         prefetch_factor=prefetch_factor,
-        shapes=shapes,
-    )
-    log.info(
-        "train data %s: %d samples, dp rank %d/%d reads [%d, %d)",
-        path,
-        len(src),
-        dp_rank,
-        dp_world,
-        *loader.chunk,
-    )
+    )  # fmt: skip
+    log.info("train data %s: %d samples, dp rank %d/%d reads [%d, %d)", path, len(src), dp_rank, dp_world,
+             *loader.chunk)  # fmt: skip
     return loader
 
 
@@ -308,24 +301,11 @@ def build_eval_loader(
     prefetch_factor: int = 2,
 ) -> EvalLoader:
     """One-pass eval loader (``data.eval_path``): the rank's contiguous chunk, padded to the common batch count."""
-    src = _source(path, shapes, fmt)
-    loader = EvalLoader(
-        src,
-        dp_rank=dp_rank,
-        dp_world=dp_world,
-        micro_batch_size=micro_batch_size,
-        num_workers=num_workers,
-        pin_memory=pin_memory,
+    src, loader = _build(
+        EvalLoader, path, shapes, fmt, dp_rank=dp_rank, dp_world=dp_world,
+        micro_batch_size=micro_batch_size, num_workers=num_workers, pin_memory=pin_memory,
         prefetch_factor=prefetch_factor,
-        shapes=shapes,
-    )
-    log.info(
-        "eval data %s: %d samples, dp rank %d/%d reads [%d, %d) in %d batches",
-        path,
-        len(src),
-        dp_rank,
-        dp_world,
-        *loader.chunk,
-        len(loader),
-    )
+    )  # fmt: skip
+    log.info("eval data %s: %d samples, dp rank %d/%d reads [%d, %d) in %d batches", path, len(src), dp_rank,
+             dp_world, *loader.chunk, len(loader))  # fmt: skip
     return loader
