@@ -78,7 +78,11 @@ def megatron_sharded_state_dict(strategy, checkpoint: dict | None, is_loading: b
     model_sd = unwrap(module.flux).sharded_state_dict()
     state = {
         "model": model_sd,
-        "optimizer": strategy.optimizers[0].sharded_state_dict(model_sd, is_loading=is_loading),
+        # 'dp_reshardable': one ShardedTensor per optimizer buffer (parallel save/load, reshardable over DP);
+        # Megatron's default ('fully_sharded_model_space') uses flattened ranges that its own saver now refuses.
+        "optimizer": strategy.optimizers[0].sharded_state_dict(
+            model_sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "dp_reshardable"}
+        ),
         "rank_state": ShardedObject("rank_state", _rank_state(module), (world,), (rank,), replica_id=0),
     }
     if checkpoint is not None:

@@ -71,6 +71,7 @@ class MegatronStrategy(DDPStrategy):
         super().__init__(**kwargs)
         self.cfg = cfg
         self.seed: int | None = None
+        self._params_synced = False  # Megatron DDP forward pre-hooks disabled, parameters gathered
 
     @property
     def megatron(self) -> bool:
@@ -162,19 +163,23 @@ class MegatronStrategy(DDPStrategy):
         return clip_and_step(optimizer, params)
 
     def eval_mode(self, enabled: bool) -> None:
-        """Around evaluation: gather parameters synchronously instead of in forward pre-hooks (Megatron DDP)."""
+        """Around evaluation and checkpoint saves: gather parameters synchronously instead of in forward
+        pre-hooks (Megatron DDP with overlapped param gather). Idempotent: a save during evaluation nests."""
+        if not (self.megatron and self.cfg.parallel.overlap_param_gather) or enabled == self._params_synced:
+            return
         flux = self.lightning_module.flux
-        if self.megatron and self.cfg.parallel.overlap_param_gather:
-            if enabled:
-                flux.disable_forward_pre_hook(param_sync=True)
-            else:
-                flux.enable_forward_pre_hook()
+        if enabled:
+            flux.disable_forward_pre_hook(param_sync=True)
+        else:
+            flux.enable_forward_pre_hook()
+        self._params_synced = enabled
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
+        was_synced = self._params_synced
         self.eval_mode(True)
         ckpt.save(self, checkpoint, filepath)
-        self.eval_mode(False)
+        self.eval_mode(was_synced)
 
     def load_checkpoint(self, checkpoint_path) -> dict:
         return ckpt.load(self, checkpoint_path)
