@@ -1,0 +1,66 @@
+"""Convergence sanity: BF16 and FP8 loss curves of the demo's tiny Flux on the same synthetic data.
+
+Runs the recipe (``flux_nemo.demo``'s configuration, so the same data, model and MLPerf cadence) for a fixed
+number of steps with the target disabled, once per (precision, seed), and prints the training loss every
+``--every`` steps and the validation loss at each 262,144-sample evaluation, read back from the MLPerf logs.
+
+    python bench/convergence.py --runs bf16:1 bf16:2 fp8_delayed:1 fp8_current:1 --steps 768
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def read_log(path: Path) -> tuple[dict[int, float], dict[int, float]]:
+    """(step -> train loss, samples -> eval loss) from an MLPerf result log."""
+    train, evals = {}, {}
+    for line in path.read_text().splitlines():
+        if ":::MLLOG " not in line:
+            continue
+        event = json.loads(line.split(":::MLLOG ", 1)[1])
+        if event["key"] == "tracked_stats":
+            train[event["metadata"]["step"]] = event["value"]["train_loss"]
+        elif event["key"] == "eval_accuracy":
+            evals[event["metadata"]["samples_count"]] = event["value"]
+    return train, evals
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--runs", nargs="+", default=["bf16:1", "bf16:2", "fp8_delayed:1"])
+    parser.add_argument("--steps", type=int, default=768)
+    parser.add_argument("--out", type=Path, default=Path("results/convergence"))
+    args = parser.parse_args()
+    curves = {}
+    for run in args.runs:
+        precision, seed = run.split(":")
+        log = args.out / f"{precision}_{seed}.txt"
+        overrides = [
+            f"precision={precision}", f"train.seed={seed}", f"train.max_steps={args.steps}",
+            "mlperf.target=0.0", f"mlperf.log_file={log}",
+        ]  # fmt: skip
+        proc = subprocess.run([sys.executable, "-m", "flux_nemo.demo", *overrides], cwd=ROOT)
+        if not log.exists():
+            sys.exit(f"run {run} wrote no MLPerf log (exit status {proc.returncode})")
+        curves[run] = read_log(log)
+    steps = sorted(set().union(*(c[0] for c in curves.values())))
+    print("\ntrain loss (MLPerf tracked_stats)\nstep " + "".join(f"{r:>16}" for r in curves))
+    for step in steps:
+        print(f"{step:>4} " + "".join(f"{c[0].get(step, float('nan')):>16.4f}" for c in curves.values()))
+    samples = sorted(set().union(*(c[1] for c in curves.values())))
+    print("\nvalidation loss (eval_accuracy)\nsamples " + "".join(f"{r:>16}" for r in curves))
+    for n in samples:
+        print(f"{n:>7} " + "".join(f"{c[1].get(n, float('nan')):>16.4f}" for c in curves.values()))
+
+
+if __name__ == "__main__":
+    main()
