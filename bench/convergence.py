@@ -48,6 +48,8 @@ def main() -> None:
             f"precision={precision}", f"train.seed={seed}", f"train.max_steps={args.steps}",
             "mlperf.target=0.0", f"mlperf.log_file={log}",
         ]  # fmt: skip
+        if precision.startswith("fp8"):
+            overrides.append("model.backend=te")  # FP8 needs Transformer Engine layers
         proc = subprocess.run([sys.executable, "-m", "flux_nemo.demo", *overrides], cwd=ROOT)
         if not log.exists():
             sys.exit(f"run {run} wrote no MLPerf log (exit status {proc.returncode})")
