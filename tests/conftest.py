@@ -1,5 +1,7 @@
 """Shared test setup: GPU tests skip without CUDA; Megatron runs as a single gloo process on CPU."""
 
+import os
+
 import pytest
 import torch
 
@@ -20,3 +22,13 @@ def megatron_world():
 
     ensure_megatron_initialized()
     yield
+
+
+@pytest.fixture(autouse=True)
+def _restore_environ():
+    """Each test starts from the same environment: in-process training runs set the rendezvous variables, and
+    Lightning's teardown deletes WORLD_SIZE but not MASTER_ADDR or RANK, which would leak into later tests."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
