@@ -33,7 +33,8 @@ class SDPAttention(MegatronModule):
     """Core attention with ``torch.nn.functional.scaled_dot_product_attention`` (CPU, fp64, any device).
 
     Same call signature as Megatron's ``TEDotProductAttention`` so specs can swap them. Megatron's local
-    ``DotProductAttention`` is not used because it needs CUDA.
+    ``DotProductAttention`` is not used because it needs CUDA. Under context parallelism the local queries attend
+    to the keys and values of every rank (gathered), as TE's ring attention does in the ``te`` spec.
     """
 
     def __init__(
