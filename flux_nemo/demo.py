@@ -79,7 +79,7 @@ def compliance_check(log_file: Path) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     overrides = OVERRIDES + _system_overrides() + list(sys.argv[1:] if argv is None else argv)
-    RESULT.unlink(missing_ok=True)  # the MLPerf log appends; one run per file
+    RESULT.unlink(missing_ok=True)  # one run per result file
     shutil.rmtree(OUT / "nemo_experiments", ignore_errors=True)
     with initialize_config_dir(str(ROOT / "conf"), version_base=None):
         cfg = compose("flux_schnell", overrides=overrides)
