@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from flux_nemo.flow_matching import image_ids
+
 
 def build_peer(num_double: int, num_single: int, device: torch.device, compile_model: bool):
     """A full-width Flux.1-schnell transformer with ``num_double`` + ``num_single`` blocks (random weights)."""
@@ -38,8 +40,7 @@ def build_peer(num_double: int, num_single: int, device: torch.device, compile_m
 def peer_batch(batch: int, device: torch.device, img_tokens: int = 256, txt_tokens: int = 256):
     """Random inputs at the MLPerf shape; ids as diffusers expects them (2-D)."""
     side = int(img_tokens**0.5)
-    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
-    img_ids = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).float().to(device)
+    img_ids = image_ids(1, side, side, device)[0]
     bf16 = torch.bfloat16
     return {
         "hidden_states": torch.randn(batch, img_tokens, 64, device=device, dtype=bf16),

@@ -9,13 +9,14 @@ Both run in the same worker processes because starting Python + Megatron is the 
 """
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 from flux_testing import make_inputs
+
+from flux_nemo.shims import free_port
 
 WORKER = """
 import faulthandler, importlib.abc, math, sys
@@ -70,12 +71,6 @@ print("TP-OK")
 
 # Narrow inputs keep the two worker processes quick; the blocks are the tiny flavor's.
 SMALL = dict(params_dtype=torch.float64, context_in_dim=32, vec_in_dim=16)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_ranks_tensor_parallel_without_transformer_engine(build, tmp_path: Path):

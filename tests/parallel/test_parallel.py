@@ -4,24 +4,20 @@
 on CPU (gloo + the local spec in float64, exact) and on GPU (NCCL + Transformer Engine in bf16)."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from flux_testing import randomize_
 
+from flux_nemo import flow_matching as fm
 from flux_nemo.flow_matching import ModelInputs
 from flux_nemo.model import FluxConfig, build_flux
+from flux_nemo.shims import free_port
 
 WORKER = Path(__file__).with_name("parallel_worker.py")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def reference_run(backend: str, dtype: torch.dtype, device: str) -> dict:
@@ -33,22 +29,16 @@ def reference_run(backend: str, dtype: torch.dtype, device: str) -> dict:
         config_fields.update(bf16=True, use_cpu_initialization=False)
     config = FluxConfig.from_flavor("tiny", **config_fields)
     model = build_flux(config, backend=backend).to(device)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen, dtype=torch.float64)
-            p.copy_(1 + 0.1 * noise if "layernorm" in name else 0.05 * noise)
+    randomize_(model, seed=0)
     b, h, w, txt_len = 2, 4, 4, 8  # 16 image tokens and 8 text tokens, split in two
-    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    img_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(1, h * w, 3).double()
-    kw = {"generator": gen, "dtype": dtype}
+    kw = {"generator": torch.Generator().manual_seed(1), "dtype": dtype}
     inputs = ModelInputs(
         img=torch.randn(b, h * w, config.in_channels, **kw),
         txt=torch.randn(b, txt_len, config.context_in_dim, **kw),
         y=torch.randn(b, config.vec_in_dim, **kw),
         timesteps=torch.rand(b, **kw),
-        img_ids=img_ids,
-        txt_ids=torch.zeros(1, txt_len, 3),
+        img_ids=fm.image_ids(1, h, w),
+        txt_ids=fm.text_ids(1, txt_len),
         target=torch.randn(b, h * w, config.in_channels, **kw),
     )
     dev = ModelInputs(*(t.to(device) for t in inputs))
@@ -56,12 +46,9 @@ def reference_run(backend: str, dtype: torch.dtype, device: str) -> dict:
     (out.double() * dev.target.double()).sum().backward()
     weights = {k: v.cpu() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
     grads = {n: p.grad.detach().cpu() for n, p in model.named_parameters()}
-    fields = {k: v for k, v in config_fields.items() if k not in ("bf16", "use_cpu_initialization")}
-    if device == "cuda":
-        fields.update(bf16=True, use_cpu_initialization=False)
     return {
         "backend": backend,
-        "config": fields,
+        "config": config_fields,
         "weights": weights,
         "inputs": inputs._asdict(),
         "output": out.detach().cpu(),
