@@ -13,9 +13,10 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from torch import Tensor
 
-from flux_nemo.model.adaln import Modulation, layer_norm
+from flux_nemo.model.adaln import Modulation
 from flux_nemo.model.attention import linear_out
 from flux_nemo.model.config import FluxConfig
+from flux_nemo.model.fusions import elementwise_ops
 
 
 class FluxMLP(MegatronModule):
@@ -82,20 +83,27 @@ class DoubleStreamBlock(MegatronModule):
         )
         self.img_mlp = build_module(submodules.mlp, config=config)
         self.txt_mlp = build_module(submodules.mlp, config=config)
+        self.ops = elementwise_ops(config.modulation_fusion)
 
     def forward(self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor) -> tuple[Tensor, Tensor]:
         """``img [s_img, b, h]``, ``txt [s_txt, b, h]`` -> updated (img, txt)."""
-        img_mod1, img_mod2 = self.img_mod(vec)
+        ops, eps = self.ops, self.config.layernorm_epsilon
+        img_mod1, img_mod2 = self.img_mod(vec)  # (shift, scale, gate), each [1, b, h]
         txt_mod1, txt_mod2 = self.txt_mod(vec)
         img_attn, txt_attn = self.self_attention(
-            img_mod1.modulate(layer_norm(img, self.config)),
-            txt_mod1.modulate(layer_norm(txt, self.config)),
+            ops.norm_modulate(img, img_mod1.shift, img_mod1.scale, eps),
+            ops.norm_modulate(txt, txt_mod1.shift, txt_mod1.scale, eps),
             pe,
         )
-        img = img + img_mod1.gate * img_attn
-        img = img + img_mod2.gate * self.img_mlp(img_mod2.modulate(layer_norm(img, self.config)))
-        txt = txt + txt_mod1.gate * txt_attn
-        txt = txt + txt_mod2.gate * self.txt_mlp(txt_mod2.modulate(layer_norm(txt, self.config)))
+        # img + gate1 * attn, and the MLP input (1 + scale2) * LN(img) + shift2 from it, in one op.
+        img, img_mlp_in = ops.gated_residual_norm_modulate(
+            img, img_mod1.gate, img_attn, img_mod2.shift, img_mod2.scale, eps
+        )
+        img = ops.gated_residual(img, img_mod2.gate, self.img_mlp(img_mlp_in))
+        txt, txt_mlp_in = ops.gated_residual_norm_modulate(
+            txt, txt_mod1.gate, txt_attn, txt_mod2.shift, txt_mod2.scale, eps
+        )
+        txt = ops.gated_residual(txt, txt_mod2.gate, self.txt_mlp(txt_mlp_in))
         return img, txt
 
 
@@ -114,9 +122,10 @@ class SingleStreamBlock(MegatronModule):
             submodules.self_attention, config=config, layer_number=layer_number
         )
         self.mlp = build_module(submodules.mlp, config=config)
+        self.ops = elementwise_ops(config.modulation_fusion)
 
     def forward(self, x: Tensor, vec: Tensor, pe: Tensor) -> Tensor:
         """``x [s_txt + s_img, b, h]`` -> same shape."""
-        (mod,) = self.modulation(vec)
-        x_mod = mod.modulate(layer_norm(x, self.config))
-        return x + mod.gate * (self.self_attention(x_mod, pe) + self.mlp(x_mod))
+        (mod,) = self.modulation(vec)  # (shift, scale, gate), each [1, b, h]
+        x_mod = self.ops.norm_modulate(x, mod.shift, mod.scale, self.config.layernorm_epsilon)
+        return self.ops.gated_residual_sum(x, mod.gate, self.self_attention(x_mod, pe), self.mlp(x_mod))

@@ -59,6 +59,10 @@ class FluxConfig(TransformerConfig):
     guidance_embed: bool = False
     """Guidance embedding (Flux.1-dev). Flux.1-schnell and the MLPerf reference have none; must be False."""
 
+    modulation_fusion: bool = False
+    """Run the blocks' LayerNorm + adaLN modulate and gated residual adds as fused ``torch.compile`` kernels
+    (``flux_nemo.model.fusions``) instead of one eager kernel per op. Same math; a performance switch."""
+
     ##################
     # Megatron fields with Flux defaults
     ##################

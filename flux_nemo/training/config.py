@@ -33,6 +33,7 @@ class ModelConfig:
     axes_dim: list[int] | None = None
     theta: int | None = None
     qkv_bias: bool | None = None
+    modulation_fusion: bool | None = None  # fused LayerNorm+modulate / gated residuals (torch.compile)
 
 
 @dataclass

@@ -1,0 +1,81 @@
+"""The elementwise ops around the Flux block GEMMs, eager or fused (``FluxConfig.modulation_fusion``).
+
+Between its linears a Flux block runs only memory-bound elementwise work on ``[s, b, h]`` activations: LayerNorm
+then the adaLN modulate ``(1 + scale) * x + shift``, and the gated residual ``x + gate * y``. Eager PyTorch runs
+each op as its own kernel (one read and one write of the activation per op, forward and backward). With
+``modulation_fusion`` the same functions go through ``torch.compile`` (Megatron-Core's ``jit_fuser`` idiom for its
+bias-GELU and bias-dropout-add fusions): one kernel per function and direction, computing in fp32 and rounding
+once, and saving only the LayerNorm input and statistics for backward (the normalised tensor is recomputed).
+
+Every function computes the same math in both modes; only the kernels (and bf16 rounding of intermediates)
+differ. ``FusedOps``/``EAGER`` hold the two sets; a block picks one with :func:`elementwise_ops`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def norm_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> Tensor:
+    """``(1 + scale) * LayerNorm(x) + shift``: LayerNorm over the hidden dim without affine parameters.
+
+    ``x [s, b, h]``; ``shift``, ``scale`` ``[1, b, h]`` (broadcast over the sequence).
+    """
+    return (1 + scale) * F.layer_norm(x, (x.shape[-1],), eps=eps) + shift
+
+
+def gated_residual(x: Tensor, gate: Tensor, y: Tensor) -> Tensor:
+    """``x + gate * y`` (``gate [1, b, h]``)."""
+    return x + gate * y
+
+
+def gated_residual_norm_modulate(
+    x: Tensor, gate: Tensor, y: Tensor, shift: Tensor, scale: Tensor, eps: float
+) -> tuple[Tensor, Tensor]:
+    """The residual ``x + gate * y`` and its modulated LayerNorm (the next sublayer's input), in one pass."""
+    out = x + gate * y
+    return out, (1 + scale) * F.layer_norm(out, (out.shape[-1],), eps=eps) + shift
+
+
+def gated_residual_sum(x: Tensor, gate: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``x + gate * (a + b)``: the single block's parallel attention + MLP branches."""
+    return x + gate * (a + b)
+
+
+@dataclass(frozen=True)
+class ElementwiseOps:
+    """One implementation of each elementwise op of the blocks."""
+
+    norm_modulate: Callable[..., Tensor]
+    gated_residual: Callable[..., Tensor]
+    gated_residual_norm_modulate: Callable[..., tuple[Tensor, Tensor]]
+    gated_residual_sum: Callable[..., Tensor]
+
+
+EAGER = ElementwiseOps(norm_modulate, gated_residual, gated_residual_norm_modulate, gated_residual_sum)
+
+
+@functools.cache
+def fused_ops() -> ElementwiseOps:
+    """The ``torch.compile`` versions (compiled lazily on first call, once per input shape and dtype).
+
+    ``dynamic=False``: a training run sees a handful of shapes (image, text and joint sequence; train and eval
+    batch), each specialised; ``fullgraph=True`` makes a graph break an error rather than a silent slowdown.
+    """
+
+    def compile_(fn):
+        return torch.compile(fn, dynamic=False, fullgraph=True)
+
+    return ElementwiseOps(*(compile_(getattr(EAGER, f.name)) for f in dataclasses.fields(EAGER)))
+
+
+def elementwise_ops(fused: bool) -> ElementwiseOps:
+    """``fused_ops()`` if ``fused`` else the eager functions."""
+    return fused_ops() if fused else EAGER
