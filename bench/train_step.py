@@ -5,8 +5,12 @@ distributed optimizer: fp32 master weights and Adam state, fp32 gradient reducti
 recompute through the training block runner). Peer: diffusers, bf16 parameters, fused torch AdamW, eager and
 torch.compile (one GPU only).
 
-    python bench/train_step.py --double 2 --single 4 --mbs 16 --precision bf16 fp8_delayed --peer eager
+    python bench/train_step.py --double 2 --single 4 --mbs 16 --precision bf16 bf16+fused fp8_delayed+fused \
+        --peer eager compile
     torchrun --nproc_per_node 4 bench/train_step.py --double 19 --single 38 --mbs 4 --tp 2 --recompute block
+
+A ``--precision`` entry is a precision (``conf/precision``) with optional ``+`` options: ``fused``
+(``model.modulation_fusion=true``).
 
 Prints ms/step (median), samples/s, model TFLOP/s per GPU (0.3574 TFLOP per block per sample at 256 + 256
 tokens, MLPerf accounting) and peak memory, then a table with the ratio to the first peer row.
@@ -34,6 +38,17 @@ from bench.peer_diffusers import build_peer, peer_batch, peer_step  # noqa: E402
 TFLOP_PER_BLOCK = 0.3574  # per sample, fwd + bwd, 256 image + 256 text tokens
 RANK = int(os.environ.get("RANK", "0"))
 PRECISIONS = ("bf16", "fp8_delayed", "fp8_current", "fp8_block")  # conf/precision/*.yaml
+OPTIONS = {"fused": ["model.modulation_fusion=true"]}  # "+option" suffixes of a --precision entry
+
+
+def variant(text: str) -> str:
+    """Validate a ``--precision`` entry ``precision[+option...]``."""
+    precision, *options = text.split("+")
+    if precision not in PRECISIONS or any(o not in OPTIONS for o in options):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected one of {PRECISIONS} with +options from {list(OPTIONS)}"
+        )
+    return text
 
 
 def time_steps(step, steps: int, warmup: int) -> list[float]:
@@ -52,18 +67,23 @@ def time_steps(step, steps: int, warmup: int) -> list[float]:
     return times
 
 
-def compose_config(args, precision: str):
+def compose_config(args, entry: str):
     """The recipe's own Hydra config (conf/), with this benchmark's depth, precision and parallel layout."""
     from hydra import compose, initialize_config_dir
 
     import flux_nemo.training.config  # noqa: F401  (registers the typed schema)
 
+    precision, *options = entry.split("+")
     overrides = [
         "model=schnell", f"model.num_double_blocks={args.double}", f"model.num_single_blocks={args.single}",
         "model.backend=te", f"precision={precision}", f"parallel.recompute={args.recompute}",
-        f"parallel.tensor_model_parallel_size={args.tp}", "parallel.sequence_parallel=false",
-        f"train.micro_batch_size={args.mbs}",
+        f"parallel.tensor_model_parallel_size={args.tp}",
+        f"train.micro_batch_size={args.mbs}", f"parallel.sequence_parallel={args.sp}",
+        f"precision.grad_reduce_in_fp32={not args.grad_reduce_bf16}",
     ]  # fmt: skip
+    if args.bucket_size:
+        overrides.append(f"parallel.bucket_size={args.bucket_size}")
+    overrides += [o for option in options for o in OPTIONS[option]]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         return compose("flux_schnell", overrides=overrides)
 
@@ -134,11 +154,17 @@ def main() -> None:
     parser.add_argument("--mbs", type=int, default=16)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--precision", nargs="+", default=["bf16"], choices=PRECISIONS)
+    parser.add_argument("--precision", nargs="+", default=["bf16"], type=variant, help="precision[+fused]")
     parser.add_argument("--peer", nargs="*", default=["eager"], choices=["eager", "compile"])
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (run under torchrun)")
-    parser.add_argument("--recompute", default="none", choices=["none", "block"])
+    parser.add_argument("--recompute", default="none", choices=["none", "selective", "block"])
     parser.add_argument("--micro-batches", type=int, default=1, help="micro-batches per optimizer step")
+    parser.add_argument("--sp", action="store_true", help="sequence parallelism (with --tp > 1)")
+    parser.add_argument("--grad-reduce-bf16", action="store_true", help="reduce gradients in bf16, not fp32")
+    parser.add_argument("--bucket-size", type=int, help="Megatron DDP bucket size (elements)")
+    parser.add_argument(
+        "--memory-cap-gib", type=float, help="cap this process's GPU memory (emulate an 80 GB card on H200)"
+    )
     parser.add_argument("--json", type=Path, help="write all rows here")
     args = parser.parse_args()
 
@@ -149,10 +175,15 @@ def main() -> None:
     initialize_megatron(tensor_model_parallel_size=args.tp)
     world = torch.distributed.get_world_size()
     device = torch.device("cuda")
+    if args.memory_cap_gib:
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2**30 / total))
     blocks = args.double + args.single
     if RANK == 0:
         print(f"# {torch.cuda.get_device_name()} x{world}  blocks {args.double}+{args.single}  mbs {args.mbs}"
-              f"  tp {args.tp}  recompute {args.recompute}", flush=True)  # fmt: skip
+              f"  tp {args.tp}  sp {args.sp}  recompute {args.recompute}  micro-batches {args.micro_batches}"
+              f"  grad reduce {'bf16' if args.grad_reduce_bf16 else 'fp32'}  memory cap {args.memory_cap_gib}",
+              flush=True)  # fmt: skip
     rows = []
     for mode in args.peer if world == 1 else []:
         model, fwd, opt = build_peer(args.double, args.single, device, compile_model=mode == "compile")
