@@ -4,13 +4,18 @@ Runs the recipe (``flux_nemo.demo``'s configuration, so the same data, model and
 number of steps with the target disabled, once per (precision, seed), and prints the training loss every
 ``--every`` steps and the validation loss at each 262,144-sample evaluation, read back from the MLPerf logs.
 
-    python bench/convergence.py --runs bf16:1 bf16:2 fp8_delayed:1 fp8_current:1 --steps 768
+    python bench/convergence.py --runs bf16:1 bf16:2 fp8_delayed:1 fp8_current:1 --steps 768 --gpus 4
+
+All runs use the same layer implementation (``--backend``, Transformer Engine by default since FP8 needs it), so
+the curves differ only by precision and seed. With ``--gpus N`` up to N runs go at once, one GPU each; every run
+writes its own copy of the (deterministic, identical) synthetic data and its own NeMo experiment directory.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -39,18 +44,33 @@ def main() -> None:
     parser.add_argument("--runs", nargs="+", default=["bf16:1", "bf16:2", "fp8_delayed:1"])
     parser.add_argument("--steps", type=int, default=768)
     parser.add_argument("--out", type=Path, default=Path("results/convergence"))
+    parser.add_argument("--backend", default="te", choices=["te", "local"], help="layers of every run")
+    parser.add_argument("--gpus", type=int, default=0, help="run this many at once, one GPU each")
     args = parser.parse_args()
-    curves = {}
-    for run in args.runs:
+    runs = {}
+    for i, run in enumerate(args.runs):
         precision, seed = run.split(":")
+        work = args.out / f"{precision}_{seed}"
         log = args.out / f"{precision}_{seed}.txt"
+        log.unlink(missing_ok=True)
         overrides = [
             f"precision={precision}", f"train.seed={seed}", f"train.max_steps={args.steps}",
-            "mlperf.target=0.0", f"mlperf.log_file={log}",
+            "mlperf.target=0.0", f"mlperf.log_file={log}", f"model.backend={args.backend}",
+            f"data.train_path={work}/data/train", f"data.eval_path={work}/data/eval",
+            f"data.empty_encodings_path={work}/data/empty_encodings", f"exp_manager.exp_dir={work}/nemo",
         ]  # fmt: skip
-        if precision.startswith("fp8"):
-            overrides.append("model.backend=te")  # FP8 needs Transformer Engine layers
-        proc = subprocess.run([sys.executable, "-m", "flux_nemo.demo", *overrides], cwd=ROOT)
+        env = os.environ | {"MASTER_PORT": str(29500 + i)}  # concurrent runs: one rendezvous port each
+        if args.gpus:
+            env["CUDA_VISIBLE_DEVICES"] = str(i % args.gpus)
+        if args.gpus and i >= args.gpus:
+            list(runs.values())[i - args.gpus][0].wait()  # one run per GPU at a time
+        proc = subprocess.Popen([sys.executable, "-m", "flux_nemo.demo", *overrides], cwd=ROOT, env=env)
+        runs[run] = (proc, log)
+        if not args.gpus:
+            proc.wait()
+    curves = {}
+    for run, (proc, log) in runs.items():
+        proc.wait()
         if not log.exists():
             sys.exit(f"run {run} wrote no MLPerf log (exit status {proc.returncode})")
         curves[run] = read_log(log)
