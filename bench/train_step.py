@@ -10,7 +10,7 @@ torch.compile (one GPU only).
     torchrun --nproc_per_node 4 bench/train_step.py --double 19 --single 38 --mbs 4 --tp 2 --recompute block
 
 A ``--precision`` entry is a precision (``conf/precision``) with optional ``+`` options: ``fused``
-(``model.modulation_fusion=true``).
+(``model.modulation_fusion=true``), ``paopt`` (``precision.precision_aware_optimizer=true``).
 
 Prints ms/step (median), samples/s, model TFLOP/s per GPU (0.3574 TFLOP per block per sample at 256 + 256
 tokens, MLPerf accounting) and peak memory, then a table with the ratio to the first peer row.
@@ -38,7 +38,10 @@ from bench.peer_diffusers import build_peer, peer_batch, peer_step  # noqa: E402
 TFLOP_PER_BLOCK = 0.3574  # per sample, fwd + bwd, 256 image + 256 text tokens
 RANK = int(os.environ.get("RANK", "0"))
 PRECISIONS = ("bf16", "fp8_delayed", "fp8_current", "fp8_block")  # conf/precision/*.yaml
-OPTIONS = {"fused": ["model.modulation_fusion=true"]}  # "+option" suffixes of a --precision entry
+OPTIONS = {  # "+option" suffixes of a --precision entry
+    "fused": ["model.modulation_fusion=true"],
+    "paopt": ["precision.precision_aware_optimizer=true"],
+}
 
 
 def variant(text: str) -> str:
@@ -99,6 +102,7 @@ def build_ours(args, precision: str):
     model = wrap_megatron_ddp(build_model(cfg, torch.device("cuda")), cfg)
     opt_config = megatron_optimizer_config(
         1e-4, compute_dtype(cfg), cfg.parallel.use_distributed_optimizer,
+        precision_aware=cfg.precision.precision_aware_optimizer,
         overlap_param_gather=cfg.parallel.overlap_param_gather,
     )  # fmt: skip
     return model, build_megatron_optimizer([model], opt_config)
@@ -154,7 +158,9 @@ def main() -> None:
     parser.add_argument("--mbs", type=int, default=16)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--precision", nargs="+", default=["bf16"], type=variant, help="precision[+fused]")
+    parser.add_argument(
+        "--precision", nargs="+", default=["bf16"], type=variant, help="precision[+fused][+paopt]"
+    )
     parser.add_argument("--peer", nargs="*", default=["eager"], choices=["eager", "compile"])
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (run under torchrun)")
     parser.add_argument("--recompute", default="none", choices=["none", "selective", "block"])

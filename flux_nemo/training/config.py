@@ -72,6 +72,10 @@ class PrecisionConfig:
     fp8_amax_history_len: int = 1024
     fp8_amax_compute_algo: str = "max"
     grad_reduce_in_fp32: bool = True
+    # Megatron's precision-aware optimizer: TE FusedAdam keeps the fp32 master weights and writes the bf16 params in
+    # the same kernel (no separate master -> param copy). Master weights, grads and Adam state stay fp32, so the
+    # numerics are the standard mixed-precision ones. GPU, distributed optimizer only.
+    precision_aware_optimizer: bool = False
     # MLPerf 6.1 disclosure keys (lowest precision in linear layers, attention, communication)
     mlperf_linear: str = "bfloat16"
     mlperf_attn: str = "bfloat16"

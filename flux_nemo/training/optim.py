@@ -50,9 +50,23 @@ def clip_and_step(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) 
     return norm
 
 
-def megatron_optimizer_config(lr: float, compute_dtype: torch.dtype, use_distributed_optimizer: bool, **kw):
-    """``OptimizerConfig`` of the MLPerf AdamW (Megatron ``optimizer="adam"`` with decoupled weight decay)."""
+def megatron_optimizer_config(
+    lr: float,
+    compute_dtype: torch.dtype,
+    use_distributed_optimizer: bool,
+    precision_aware: bool = False,
+    **kw,
+):
+    """``OptimizerConfig`` of the MLPerf AdamW (Megatron ``optimizer="adam"`` with decoupled weight decay).
+
+    ``precision_aware``: Megatron's precision-aware optimizer with every optimizer tensor in fp32 and the full fp32
+    master weights kept (``store_param_remainders=False``: no 16-bit remainder trick), so only the kernels change:
+    TE's FusedAdam updates the master weight and writes the bf16 parameter in one pass.
+    """
     from megatron.core.optimizer import OptimizerConfig
+
+    if precision_aware:
+        kw.update(use_precision_aware_optimizer=True, store_param_remainders=False)
 
     return OptimizerConfig(
         optimizer="adam",

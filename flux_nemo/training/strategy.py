@@ -125,9 +125,14 @@ class MegatronStrategy(DDPStrategy):
                 module.lr,
                 module.dtype_compute,
                 self.cfg.parallel.use_distributed_optimizer,
+                precision_aware=self.cfg.precision.precision_aware_optimizer,
                 overlap_param_gather=self.cfg.parallel.overlap_param_gather,
             )
             return build_megatron_optimizer([module.flux], config)
+        if self.cfg.precision.precision_aware_optimizer:
+            raise ValueError(
+                "precision.precision_aware_optimizer=true needs the GPU path (Megatron distributed optimizer)"
+            )
         return build_torch_adamw(module.flux.parameters(), module.lr)
 
     # ------------------------------------------------------------------ step

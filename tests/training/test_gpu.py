@@ -55,3 +55,27 @@ def test_megatron_ddp_distributed_optimizer_and_dist_checkpoint_resume(tiny_data
     resumed = _losses(second.module.cfg.mlperf.log_file)
     assert sorted(resumed) == [5, 6]
     assert resumed == pytest.approx({k: expected[k] for k in (5, 6)}, rel=1e-3)
+
+
+def test_precision_aware_optimizer_trains_like_the_standard_one(tiny_data, tmp_path):
+    """TE FusedAdam writing the bf16 params itself (fp32 master, grads and state) follows the same losses."""
+    pytest.importorskip("transformer_engine")
+
+    def losses(name, *extra):
+        run = prepare(
+            compose_cfg(
+                *GPU,
+                *tiny_data,
+                *extra,
+                f"mlperf.log_file={tmp_path}/{name}.txt",
+                f"exp_manager.exp_dir={tmp_path}/{name}",
+            )  # fmt: skip
+        )
+        run.fit()
+        return _losses(run.module.cfg.mlperf.log_file)
+
+    standard = losses("standard")
+    fused = losses("fused", "precision.precision_aware_optimizer=true")
+    print(f"standard {standard}\nprecision-aware {fused}")
+    assert sorted(fused) == sorted(standard) == [1, 2, 3, 4, 5, 6]
+    assert fused == pytest.approx(standard, rel=1e-4)

@@ -123,3 +123,8 @@ def test_sigterm_saves_a_checkpoint_and_stops(tiny_data, run_dirs):
     result = prepared.fit()
     assert result.steps == 2 and result.status == "aborted"
     assert (Path(result.log_dir) / "checkpoints" / "preempted-step2" / "state.pt").exists()
+
+
+def test_precision_aware_optimizer_is_refused_on_the_cpu_path(tiny_data, run_dirs):
+    with pytest.raises(ValueError, match=r"precision\.precision_aware_optimizer=true needs the GPU path"):
+        prepare(compose_cfg(*tiny_data, *run_dirs, "precision.precision_aware_optimizer=true")).fit()
