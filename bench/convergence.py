@@ -47,6 +47,8 @@ def main() -> None:
     parser.add_argument("--backend", default="te", choices=["te", "local"], help="layers of every run")
     parser.add_argument("--gpus", type=int, default=0, help="run this many at once, one GPU each")
     args = parser.parse_args()
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpus = visible.split(",") if visible else [str(i) for i in range(args.gpus)]
     runs = {}
     for i, run in enumerate(args.runs):
         precision, seed = run.split(":")
@@ -60,8 +62,8 @@ def main() -> None:
             f"data.empty_encodings_path={work}/data/empty_encodings", f"exp_manager.exp_dir={work}/nemo",
         ]  # fmt: skip
         env = os.environ | {"MASTER_PORT": str(29500 + i)}  # concurrent runs: one rendezvous port each
-        if args.gpus:
-            env["CUDA_VISIBLE_DEVICES"] = str(i % args.gpus)
+        if args.gpus:  # the i-th run takes the (i mod N)-th of the visible GPUs
+            env["CUDA_VISIBLE_DEVICES"] = gpus[i % args.gpus]
         if args.gpus and i >= args.gpus:
             list(runs.values())[i - args.gpus][0].wait()  # one run per GPU at a time
         proc = subprocess.Popen([sys.executable, "-m", "flux_nemo.demo", *overrides], cwd=ROOT, env=env)
