@@ -36,11 +36,18 @@ def _rank_world() -> tuple[int, int]:
 
 
 def rng_state() -> dict:
-    """Every RNG the training step draws from (per rank: data-parallel ranks use different seeds)."""
+    """Every RNG the training step draws from (per rank: data-parallel ranks use different seeds).
+
+    Megatron tracker states are byte tensors (copies). A graph-safe tracker (``parallel.cuda_graph``) holds live
+    ``torch.Generator`` objects instead, whose state is copied out with ``get_state``.
+    """
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
-        state["tracker"] = tensor_parallel.get_cuda_rng_tracker().get_states()
+        tracker = tensor_parallel.get_cuda_rng_tracker().get_states()
+        state["tracker"] = {
+            name: s.get_state() if isinstance(s, torch.Generator) else s for name, s in tracker.items()
+        }
     return state
 
 
@@ -48,7 +55,13 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if torch.cuda.is_available() and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"])
-        tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+        tracker = tensor_parallel.get_cuda_rng_tracker()
+        live = tracker.get_states()
+        if any(isinstance(s, torch.Generator) for s in live.values()):
+            for name, saved in state["tracker"].items():  # in place: CUDA graphs registered these generators
+                live[name].set_state(saved.get_state() if isinstance(saved, torch.Generator) else saved)
+        else:
+            tracker.set_states(state["tracker"])
 
 
 def _rank_state(module) -> dict:

@@ -4,7 +4,8 @@ One Lightning batch is one optimizer step: the rank's ``global_batch_size / dp``
 of ``train.micro_batch_size`` whose gradients accumulate (synchronised on the last one). Metrics stay on the device
 and are read only at log intervals and evaluations (``pop_train_metrics``, ``eval_result``): a step has no host sync.
 The network itself (``self.flux``) is built in ``configure_model``, after the strategy has set up Megatron's
-parallel state, and wrapped by the strategy (Megatron DDP on GPU).
+parallel state, and wrapped by the strategy (Megatron DDP on GPU). With ``parallel.cuda_graph=full_iteration`` the
+step's forward + backward and the evaluation batch each run as one CUDA graph (``flux_nemo.training.cuda_graph``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from megatron.core import parallel_state
 from omegaconf import DictConfig
 
 from flux_nemo import flow_matching as fm
+from flux_nemo.training import cuda_graph
 from flux_nemo.training.checkpoint import rng_state, set_rng_state
 from flux_nemo.training.config import check_batch_sizes, resolve_lr_warmup
 from flux_nemo.training.context_parallel import average_over_context_parallel, shard_inputs
@@ -26,6 +28,10 @@ from flux_nemo.training.model_builder import build_model, compute_dtype
 from flux_nemo.training.optim import set_lr, warmup_constant_lr
 
 log = logging.getLogger(__name__)
+
+# Eager calls of each graphed step before its capture. With the default train.synthetic_warmup_steps=2 both graphs
+# are captured in the untimed warmup (call 1 eager, call 2 captured).
+GRAPH_WARMUP_CALLS = 1
 
 
 class _IterableView:
@@ -44,6 +50,7 @@ class FluxTrainingModule(pl.LightningModule):
 
     def __init__(self, cfg: DictConfig):
         super().__init__()
+        cuda_graph.validate(cfg)
         self.automatic_optimization = False
         self.cfg = cfg
         self.lr, self.warmup_steps = resolve_lr_warmup(cfg)
@@ -52,6 +59,8 @@ class FluxTrainingModule(pl.LightningModule):
         self.empty: tuple[torch.Tensor, torch.Tensor] | None = None
         self.loader_state: dict | None = None  # train-loader position restored from a checkpoint
         self._train_loader = None
+        self.train_graph: cuda_graph.GraphedStep | None = None  # parallel.cuda_graph=full_iteration
+        self.eval_graph: cuda_graph.GraphedStep | None = None
         self._reset_train_metrics()
         self._reset_eval_metrics()
 
@@ -61,6 +70,9 @@ class FluxTrainingModule(pl.LightningModule):
         if self.flux is not None:
             return
         seed = self.trainer.strategy.seed
+        graphs = self.cfg.parallel.cuda_graph == "full_iteration"
+        if graphs:  # before the build: Transformer Engine attention keeps the RNG tracker it sees
+            cuda_graph.use_graph_safe_rng(seed)
         torch.manual_seed(seed)
         self.flux = build_model(self.cfg, self.device)
         self.empty = load_empty(self.cfg, self.flux.config, self.device)
@@ -68,6 +80,28 @@ class FluxTrainingModule(pl.LightningModule):
         dp = parallel_state.get_data_parallel_world_size()
         self.num_micro_batches = check_batch_sizes(self.cfg, dp)
         self.local_batch_size = self.cfg.train.global_batch_size // dp
+        if graphs:
+            self._build_graphs()
+
+    def _build_graphs(self) -> None:
+        """One graph for the step's forward + backward, one for an evaluation batch, sharing one memory pool.
+
+        Sharing is safe because the two never run at the same time (one stream) and each output is consumed (added
+        to a metric) right after its replay: the evaluation graph reuses blocks the training graph frees inside its
+        own replay, so it costs almost no extra memory, while nothing either graph keeps alive is touched by the
+        other (an allocation made during a capture stays reserved in the pool while it is referenced).
+        """
+        pool = torch.cuda.graph_pool_handle()
+        self.train_graph = cuda_graph.GraphedStep(
+            self._forward_backward,
+            name="training step",
+            warmup=GRAPH_WARMUP_CALLS,
+            pool=pool,
+            before_capture=lambda: cuda_graph.rearm_param_gather(self.flux),
+        )
+        self.eval_graph = cuda_graph.GraphedStep(
+            self.eval_sums, name="evaluation step", warmup=GRAPH_WARMUP_CALLS, pool=pool
+        )
 
     def configure_optimizers(self):
         """Built by the strategy once it has wrapped the model (Megatron optimizer on GPU, AdamW on CPU)."""
@@ -104,11 +138,22 @@ class FluxTrainingModule(pl.LightningModule):
         inputs = shard_inputs(inputs)  # context parallel: this rank's tokens (same draws on every CP rank)
         return fm.mse_loss(self.predict(inputs), inputs.target)
 
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
     def forward_backward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Accumulate the gradient of one step's batch over its micro-batches; returns the mean loss (device)."""
+        """Accumulate the gradient of one step's batch over its micro-batches; returns the mean loss (device).
+
+        With CUDA graphs the returned tensor is the graph's static output: read it before the next step.
+        """
+        if self.train_graph is not None:
+            return self.train_graph(batch)
+        return self._forward_backward(self._to_device(batch))
+
+    def _forward_backward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The step on a device batch: zero the grads, micro-batches, grad sync (what a CUDA graph captures)."""
         strategy = self.trainer.strategy
         micro = self.cfg.train.micro_batch_size
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         chunks = [
             {k: v[i : i + micro] for k, v in batch.items()} for i in range(0, len(batch["mean"]), micro)
         ]
@@ -173,14 +218,23 @@ class FluxTrainingModule(pl.LightningModule):
         self.trainer.strategy.eval_mode(False)
         super().on_validation_model_train()
 
-    def validation_step(self, batch, batch_idx):
-        """Per-sample MSE at t = timestep / 8 (no dropout, fresh noise); padding rows never count."""
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+    def eval_sums(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of the per-sample losses, number of samples) over the valid rows of a device batch.
+
+        Per-sample MSE at t = timestep / 8 (no dropout, fresh noise); padding rows never count.
+        """
         inputs = shard_inputs(fm.eval_inputs(batch, self.dtype_compute))
         per_sample = average_over_context_parallel(fm.per_sample_mse(self.predict(inputs), inputs.target))
         valid = batch["valid"]
-        self._eval_sum += torch.where(valid, per_sample.double(), 0.0).sum()
-        self._eval_count += valid.sum()
+        return torch.where(valid, per_sample.double(), 0.0).sum(), valid.sum()
+
+    def validation_step(self, batch, batch_idx):
+        if self.eval_graph is not None:
+            total, count = self.eval_graph(batch)
+        else:
+            total, count = self.eval_sums(self._to_device(batch))
+        self._eval_sum += total
+        self._eval_count += count
 
     def eval_result(self) -> tuple[float, int]:
         """(mean per-sample loss, sample count) over all data-parallel ranks (one host sync per evaluation)."""
