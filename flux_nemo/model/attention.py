@@ -19,6 +19,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from torch import Tensor
 
+from flux_nemo.model import recompute
 from flux_nemo.model.config import FluxConfig
 from flux_nemo.model.embeddings import param_device
 
@@ -107,7 +108,11 @@ class FluxAttentionSubmodules:
 
 
 class _FluxAttention(MegatronModule):
-    """What both attentions share: the core attention, RoPE, and builders for QKV + QK norms and projections."""
+    """What both attentions share: the core attention, RoPE, and builders for QKV + QK norms and projections.
+
+    With ``recompute_granularity="selective"`` and ``"core_attn"`` in ``recompute_modules`` the core attention is
+    recomputed in the backward pass while training (``flux_nemo.model.recompute``), as in Megatron's attention.
+    """
 
     def __init__(self, config: FluxConfig, submodules: FluxAttentionSubmodules, layer_number: int):
         super().__init__(config)
@@ -121,6 +126,7 @@ class _FluxAttention(MegatronModule):
             attention_type="self",
         )
         self.apply_rope = submodules.apply_rope
+        self.recompute_core_attn = recompute.selected(config, "core_attn")
 
     def _build_qkv(self, submodules: FluxAttentionSubmodules):
         config, head_dim = self.config, self.config.kv_channels
@@ -166,6 +172,11 @@ class _FluxAttention(MegatronModule):
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, pe: Tensor) -> Tensor:
         """RoPE on q and k, then unmasked attention: ``[s, b, np, hn]`` -> ``[s, b, np * hn]``."""
         q, k = self.apply_rope(q, pe), self.apply_rope(k, pe)
+        if recompute.active(self, self.recompute_core_attn):
+            return recompute.checkpoint(self._core_attention, q, k, v)
+        return self._core_attention(q, k, v)
+
+    def _core_attention(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         return self.core_attention(q, k, v, attention_mask=None, attn_mask_type=AttnMaskType.no_mask)
 
 

@@ -1,11 +1,14 @@
 """Flux transformer blocks: DoubleStreamBlock (MMDiT), SingleStreamBlock, and their MLP.
 
 All tensors are ``[s, b, h]``; the conditioning vector ``vec`` is ``[b, h]`` and the RoPE angles ``pe`` are
-``[s_txt + s_img, b|1, 1, head_dim]``.
+``[s_txt + s_img, b|1, 1, head_dim]``. Selective recompute (``FluxConfig.recompute_modules``, see
+``flux_nemo.model.recompute``): ``mlp`` re-runs each MLP in the backward pass, ``layernorm`` each LayerNorm +
+modulate (its output is freed once the linears that read it ran).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from megatron.core.transformer.mlp import MLPSubmodules
@@ -13,7 +16,8 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from torch import Tensor
 
-from flux_nemo.model.adaln import Modulation
+from flux_nemo.model import recompute
+from flux_nemo.model.adaln import Modulation, ModulationOut
 from flux_nemo.model.attention import linear_out
 from flux_nemo.model.config import FluxConfig
 from flux_nemo.model.fusions import elementwise_ops
@@ -48,9 +52,15 @@ class FluxMLP(MegatronModule):
             is_expert=False,
             tp_comm_buffer_name="fc2",
         )
+        self.recompute = recompute.selected(config, "mlp")
 
     def forward(self, x: Tensor) -> Tensor:
-        """``[s, b, h]`` -> ``[s, b, h]``."""
+        """``[s, b, h]`` -> ``[s, b, h]``; recomputed in backward with the ``mlp`` selective recompute."""
+        if recompute.active(self, self.recompute):
+            return recompute.checkpoint(self._forward, x)
+        return self._forward(x)
+
+    def _forward(self, x: Tensor) -> Tensor:
         return linear_out(self.linear_fc2, self.config.activation_func(linear_out(self.linear_fc1, x)))
 
 
@@ -83,28 +93,30 @@ class DoubleStreamBlock(MegatronModule):
         )
         self.img_mlp = build_module(submodules.mlp, config=config)
         self.txt_mlp = build_module(submodules.mlp, config=config)
-        self.ops = elementwise_ops(config.modulation_fusion)
+        _set_norm_ops(self, config)
 
     def forward(self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor) -> tuple[Tensor, Tensor]:
         """``img [s_img, b, h]``, ``txt [s_txt, b, h]`` -> updated (img, txt)."""
-        ops, eps = self.ops, self.config.layernorm_epsilon
+        norm = _norm_checkpoint(self)  # a LayerNorm + modulate op, through a checkpoint with ``layernorm``
         img_mod1, img_mod2 = self.img_mod(vec)  # (shift, scale, gate), each [1, b, h]
         txt_mod1, txt_mod2 = self.txt_mod(vec)
-        img_attn, txt_attn = self.self_attention(
-            ops.norm_modulate(img, img_mod1.shift, img_mod1.scale, eps),
-            ops.norm_modulate(txt, txt_mod1.shift, txt_mod1.scale, eps),
-            pe,
-        )
-        # img + gate1 * attn, and the MLP input (1 + scale2) * LN(img) + shift2 from it, in one op.
-        img, img_mlp_in = ops.gated_residual_norm_modulate(
-            img, img_mod1.gate, img_attn, img_mod2.shift, img_mod2.scale, eps
-        )
-        img = ops.gated_residual(img, img_mod2.gate, self.img_mlp(img_mlp_in))
-        txt, txt_mlp_in = ops.gated_residual_norm_modulate(
-            txt, txt_mod1.gate, txt_attn, txt_mod2.shift, txt_mod2.scale, eps
-        )
-        txt = ops.gated_residual(txt, txt_mod2.gate, self.txt_mlp(txt_mlp_in))
+        img_norm, txt_norm = norm(), norm()
+        img_in = img_norm(self.norm_modulate, img, img_mod1.shift, img_mod1.scale)
+        txt_in = txt_norm(self.norm_modulate, txt, txt_mod1.shift, txt_mod1.scale)
+        img_attn, txt_attn = self.self_attention(img_in, txt_in, pe)
+        img_norm.discard((img_in,), img_attn)
+        txt_norm.discard((txt_in,), txt_attn)
+        img = self._residual_mlp(norm(), self.img_mlp, img, img_mod1.gate, img_attn, img_mod2)
+        txt = self._residual_mlp(norm(), self.txt_mlp, txt, txt_mod1.gate, txt_attn, txt_mod2)
         return img, txt
+
+    def _residual_mlp(self, norm, mlp, x: Tensor, gate: Tensor, attn: Tensor, mod: ModulationOut) -> Tensor:
+        """``x + gate * attn``, then its MLP sublayer with the modulation ``mod``."""
+        # x + gate * attn and the MLP input (1 + scale) * LN(x + gate * attn) + shift, in one op.
+        x, mlp_in = norm(self.gated_residual_norm_modulate, x, gate, attn, mod.shift, mod.scale)
+        mlp_out = mlp(mlp_in)
+        norm.discard((mlp_in,), mlp_out)
+        return self.ops.gated_residual(x, mod.gate, mlp_out)
 
 
 class SingleStreamBlock(MegatronModule):
@@ -122,10 +134,29 @@ class SingleStreamBlock(MegatronModule):
             submodules.self_attention, config=config, layer_number=layer_number
         )
         self.mlp = build_module(submodules.mlp, config=config)
-        self.ops = elementwise_ops(config.modulation_fusion)
+        _set_norm_ops(self, config)
 
     def forward(self, x: Tensor, vec: Tensor, pe: Tensor) -> Tensor:
         """``x [s_txt + s_img, b, h]`` -> same shape."""
         (mod,) = self.modulation(vec)  # (shift, scale, gate), each [1, b, h]
-        x_mod = self.ops.norm_modulate(x, mod.shift, mod.scale, self.config.layernorm_epsilon)
-        return self.ops.gated_residual_sum(x, mod.gate, self.self_attention(x_mod, pe), self.mlp(x_mod))
+        norm = _norm_checkpoint(self)()
+        x_mod = norm(self.norm_modulate, x, mod.shift, mod.scale)
+        attn, mlp = self.self_attention(x_mod, pe), self.mlp(x_mod)
+        norm.discard((x_mod,), attn, mlp)
+        return self.ops.gated_residual_sum(x, mod.gate, attn, mlp)
+
+
+def _set_norm_ops(block: MegatronModule, config: FluxConfig) -> None:
+    """The block's elementwise ops (eager or fused), its LayerNorm + modulate ops with the config's epsilon, and
+    whether the ``layernorm`` selective recompute applies to them."""
+    block.ops = elementwise_ops(config.modulation_fusion)
+    eps = config.layernorm_epsilon
+    block.norm_modulate = functools.partial(block.ops.norm_modulate, eps=eps)
+    block.gated_residual_norm_modulate = functools.partial(block.ops.gated_residual_norm_modulate, eps=eps)
+    block.recompute_norm = recompute.selected(config, "layernorm")
+
+
+def _norm_checkpoint(block: MegatronModule) -> functools.partial:
+    """A factory of one :class:`~flux_nemo.model.recompute.DiscardingCheckpoint` per LayerNorm + modulate call:
+    it checkpoints (and ``discard`` frees) only under the ``layernorm`` recompute while training."""
+    return functools.partial(recompute.DiscardingCheckpoint, recompute.active(block, block.recompute_norm))

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer import TransformerConfig
 
+from flux_nemo.model.recompute import MODULES as RECOMPUTE_MODULES
+
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     """GELU with the tanh approximation, the MLP activation of Flux."""
@@ -100,8 +102,31 @@ class FluxConfig(TransformerConfig):
 
     def __post_init__(self) -> None:
         self._derive_megatron_fields()
+        self._check_recompute()  # before Megatron's checks, which assert on other module names
         super().__post_init__()
         self._validate()
+
+    def _check_recompute(self) -> None:
+        """Selective recompute (``flux_nemo.model.recompute``) with the Megatron module names Flux implements.
+
+        Megatron-Core 0.16.1 accepts ``recompute_granularity`` None | "full" | "selective" and, for "selective",
+        ``recompute_modules`` from {core_attn, moe_act, layernorm, mla_up_proj, mlp, moe, shared_experts}
+        (default ``["core_attn"]``). Flux has no MoE or MLA, and whole-block ("full") recompute is applied by the
+        training block runner (``parallel.recompute=block``), not through this config.
+        """
+        if self.recompute_granularity not in (None, "selective"):
+            raise ValueError(
+                f"FluxConfig.recompute_granularity must be None or 'selective', got {self.recompute_granularity!r} "
+                "(whole-block recompute is the training block runner's parallel.recompute=block)"
+            )
+        if self.recompute_granularity == "selective":
+            modules = ["core_attn"] if self.recompute_modules is None else list(self.recompute_modules)
+            unknown = [m for m in modules if m not in RECOMPUTE_MODULES]
+            if unknown:
+                raise ValueError(
+                    f"FluxConfig.recompute_modules {unknown} not supported; choose from {list(RECOMPUTE_MODULES)}"
+                )
+            self.recompute_modules = modules
 
     def _derive_megatron_fields(self) -> None:
         if self.num_attention_heads <= 0 or self.hidden_size <= 0:

@@ -5,6 +5,10 @@ The model stays free of training concerns; ``block_runner(cfg)`` composes what `
 
 * ``parallel.recompute=block``: every double/single block is re-run in the backward pass instead of keeping its
   activations (``torch.utils.checkpoint``, non-reentrant; the blocks have no dropout, so no RNG replay is needed).
+* ``parallel.recompute=selective`` is not a block wrapper: the layers recompute what
+  ``parallel.recompute_modules`` names (``core_attn``, ``mlp``, ``norm``), through Megatron's
+  ``recompute_granularity="selective"`` / ``recompute_modules`` config fields (``flux_nemo.model.recompute``);
+  ``model_builder.flux_config`` sets the fields from :func:`selective_recompute_modules`.
 * ``precision.fp8=delayed|current|block``: each block runs under Transformer Engine's ``fp8_autocast`` with that
   recipe (Hopper: per-tensor delayed or current scaling, or 1x128 block scaling; not MXFP8), amax reduced over the
   data- and context-parallel group. Embedders, modulation and the final layer stay bf16, as in NVIDIA's recipe.
@@ -17,7 +21,9 @@ from collections.abc import Callable
 from omegaconf import DictConfig
 from torch.utils.checkpoint import checkpoint
 
-_RECOMPUTE = ("none", "block")
+_RECOMPUTE = ("none", "block", "selective")
+# parallel.recompute_modules name -> Megatron-Core's recompute_modules name (its TransformerConfig checks these)
+RECOMPUTE_MODULES = {"core_attn": "core_attn", "mlp": "mlp", "norm": "layernorm"}
 _FP8 = (None, "delayed", "current", "block")
 
 
@@ -50,18 +56,35 @@ def _fp8_context(precision: DictConfig) -> Callable:
     return context
 
 
-def validate(cfg: DictConfig) -> None:
-    """Fail early, naming the key, on options this recipe does not implement."""
+def selective_recompute_modules(cfg: DictConfig) -> list[str] | None:
+    """Megatron's ``recompute_modules`` for ``parallel.recompute=selective`` (None for none / block), checking
+    ``parallel.recompute`` and ``parallel.recompute_modules`` (named in the errors)."""
     if cfg.parallel.recompute not in _RECOMPUTE:
         raise ValueError(f"parallel.recompute={cfg.parallel.recompute!r}; expected one of {_RECOMPUTE}")
+    modules = list(cfg.parallel.recompute_modules)
+    unknown = [m for m in modules if m not in RECOMPUTE_MODULES]
+    if unknown:
+        raise ValueError(
+            f"parallel.recompute_modules={modules}: unknown {unknown}; expected names from {list(RECOMPUTE_MODULES)}"
+        )
+    if cfg.parallel.recompute != "selective":
+        return None
+    if not modules:
+        raise ValueError(
+            "parallel.recompute=selective needs a non-empty parallel.recompute_modules (or none)"
+        )
+    return [RECOMPUTE_MODULES[m] for m in modules]
+
+
+def validate(cfg: DictConfig) -> None:
+    """Fail early, naming the key, on options this recipe does not implement."""
+    selective_recompute_modules(cfg)
     if cfg.precision.fp8 not in _FP8:
         raise ValueError(f"precision.fp8={cfg.precision.fp8!r}; expected one of {_FP8}")
     if cfg.precision.fp8 is not None and cfg.model.backend == "local":
         raise ValueError(
             "precision.fp8 needs Transformer Engine layers: set model.backend=te (or auto on GPU)"
         )
-    if cfg.parallel.cuda_graph != "none":
-        raise ValueError(f"parallel.cuda_graph={cfg.parallel.cuda_graph!r} is not implemented yet; use none")
 
 
 def block_runner(cfg: DictConfig) -> Callable | None:

@@ -89,7 +89,10 @@ class ParallelConfig:
     tensor_model_parallel_size: int = 1
     context_parallel_size: int = 1
     sequence_parallel: bool = False
-    recompute: str = "none"  # "none" | "block"
+    recompute: str = "none"  # "none" | "block" (whole blocks) | "selective" (the recompute_modules below)
+    # parallel.recompute=selective: what each block recomputes, any of "core_attn" (core attention), "mlp" (the
+    # MLPs), "norm" (LayerNorm + adaLN modulate; output freed after use); Megatron's recompute_modules
+    recompute_modules: list[str] = field(default_factory=lambda: ["core_attn"])
     cuda_graph: str = "none"  # "none" | "full_iteration"
     use_distributed_optimizer: bool = True
     overlap_grad_reduce: bool = True

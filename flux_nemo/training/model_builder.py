@@ -6,7 +6,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from flux_nemo.model import FluxConfig, build_flux
-from flux_nemo.training.block_runner import block_runner
+from flux_nemo.training.block_runner import block_runner, selective_recompute_modules
 
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 _NON_FIELDS = ("flavor", "backend")
@@ -33,6 +33,9 @@ def flux_config(cfg: DictConfig) -> FluxConfig:
         context_parallel_size=par.context_parallel_size,
         sequence_parallel=par.sequence_parallel,
     )
+    recompute_modules = selective_recompute_modules(cfg)  # parallel.recompute=selective: the layers recompute
+    if recompute_modules is not None:
+        fields.update(recompute_granularity="selective", recompute_modules=recompute_modules)
     if torch.cuda.is_available() and compute_dtype(cfg) == torch.bfloat16:
         # Parameters are created (and initialised) directly in bf16, as Megatron does with params_dtype=bf16: the
         # optimizer keeps the fp32 master copy. Building in fp32 first would hold 4 B/param (47.6 GB for the
@@ -55,7 +58,7 @@ def backend(cfg: DictConfig) -> str:
 
 def build_model(cfg: DictConfig, device: torch.device) -> torch.nn.Module:
     """The initialised Flux network on ``device`` (fp32 parameters on CPU; bf16 on GPU with bf16 compute, where the
-    optimizer holds the fp32 master weights), with the block runner
-    (recompute / FP8 context) that ``parallel.recompute`` and ``precision.fp8`` ask for."""
+    optimizer holds the fp32 master weights), with the block runner (block recompute / FP8 context) that
+    ``parallel.recompute`` and ``precision.fp8`` ask for; selective recompute is in the model config."""
     model = build_flux(flux_config(cfg), backend=backend(cfg), block_runner=block_runner(cfg))
     return model.to(device)

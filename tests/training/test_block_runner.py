@@ -1,4 +1,4 @@
-"""Block recompute gives the same loss and gradients; unsupported options fail naming the key."""
+"""Block and selective recompute give the same loss and gradients; unsupported options fail naming the key."""
 
 import pytest
 import torch
@@ -6,7 +6,7 @@ from tiny_run import compose_cfg
 
 from flux_nemo import flow_matching as fm
 from flux_nemo.training.block_runner import block_runner, validate
-from flux_nemo.training.model_builder import build_model
+from flux_nemo.training.model_builder import build_model, flux_config
 
 
 def _loss_and_grads(cfg, batch):
@@ -23,31 +23,60 @@ def _loss_and_grads(cfg, batch):
     return loss.detach(), [p.grad.clone() for p in model.parameters()], len(calls)
 
 
-def test_block_recompute_matches_plain(megatron_world):
+@pytest.mark.parametrize(
+    "overrides, block_calls",
+    [
+        (["parallel.recompute=block"], 2),  # recompute re-runs the block in backward
+        (["parallel.recompute=selective", "parallel.recompute_modules=[core_attn,mlp,norm]"], 1),
+    ],
+)
+def test_recompute_matches_plain(megatron_world, overrides, block_calls):
     from flux_nemo.training.data import record_shapes
-    from flux_nemo.training.model_builder import flux_config
     from flux_nemo.training.warmup import synthetic_batch
 
     plain = compose_cfg()
-    recompute = compose_cfg("parallel.recompute=block")
-    assert block_runner(plain) is None and block_runner(recompute) is not None
+    recompute = compose_cfg(*overrides)
+    assert block_runner(plain) is None and (block_runner(recompute) is not None) == (block_calls == 2)
     batch = synthetic_batch(record_shapes(plain, flux_config(plain)), 4, torch.device("cpu"))
     loss_a, grads_a, calls_a = _loss_and_grads(plain, batch)
     loss_b, grads_b, calls_b = _loss_and_grads(recompute, batch)
-    assert (calls_a, calls_b) == (1, 2)  # recompute re-runs the block in backward
+    assert (calls_a, calls_b) == (1, block_calls)
     torch.testing.assert_close(loss_a, loss_b)
     for a, b in zip(grads_a, grads_b, strict=True):
         torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize(
-    "override, key",
+    "overrides, granularity, modules",
     [
-        ("parallel.recompute=full", "parallel.recompute"),
-        ("parallel.cuda_graph=full_iteration", "parallel.cuda_graph"),
-        ("precision=fp8_delayed", "precision.fp8"),  # tiny uses model.backend=local
+        ([], None, ["core_attn"]),  # Megatron's default list, unused without a granularity
+        (["parallel.recompute=block", "parallel.recompute_modules=[mlp]"], None, ["core_attn"]),
+        (["parallel.recompute=selective"], "selective", ["core_attn"]),
+        (
+            ["parallel.recompute=selective", "parallel.recompute_modules=[norm,mlp]"],
+            "selective",
+            ["layernorm", "mlp"],
+        ),
     ],
 )
-def test_unsupported_options_fail_naming_the_key(override, key):
+def test_selective_recompute_sets_megatron_config_fields(overrides, granularity, modules):
+    config = flux_config(compose_cfg(*overrides))
+    assert (config.recompute_granularity, config.recompute_modules) == (granularity, modules)
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["parallel.recompute=full"], "parallel.recompute"),
+        (["parallel.recompute_modules=[core_attn,layernorm]"], "parallel.recompute_modules"),
+        (["parallel.recompute=selective", "parallel.recompute_modules=[]"], "parallel.recompute_modules"),
+        (["precision=fp8_delayed"], "precision.fp8"),  # tiny uses model.backend=local
+    ],
+)
+def test_unsupported_options_fail_naming_the_key(overrides, key):
+    cfg = compose_cfg(*overrides)
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
-        validate(compose_cfg(override))
+        validate(cfg)
+    if "recompute" in key:  # the model config is built from these keys too
+        with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+            flux_config(cfg)

@@ -1,0 +1,169 @@
+"""Selective activation recompute inside the Flux layers (Megatron-Core's ``recompute_granularity="selective"``).
+
+``FluxConfig.recompute_modules`` names what is re-run in the backward pass instead of keeping its activations,
+with Megatron-Core's module names (``TransformerConfig`` validates them; ``FluxConfig`` allows only these):
+
+* ``core_attn``: the core attention (torch SDPA or TE fused attention) of every block, as Megatron's attention
+  does (``flux_nemo.model.attention``). Normal checkpointing: q, k and v are kept, the rest is recomputed.
+* ``mlp``: every block MLP, fc1 -> GELU -> fc2 (``flux_nemo.model.blocks.FluxMLP``); its input is kept.
+* ``layernorm``: the LayerNorm + adaLN modulate in front of each attention and MLP (``flux_nemo.model.blocks``).
+  Output-discarding checkpointing, like Megatron's ``layernorm`` (``CheckpointWithoutOutput``): the modulated
+  tensor is released once the layers that read it (QKV / fc1 linears, which save it for their weight gradient)
+  have run, and recomputed from the kept block input just before their backward needs it.
+
+A layer recomputes only while training with autograd recording (``module.training`` and grad enabled), as
+Megatron's layers do: evaluation and ``torch.no_grad`` run plainly. Whole-block recompute is not done here but by
+the training block runner (``parallel.recompute=block``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable
+
+import torch
+from megatron.core import tensor_parallel
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint as torch_checkpoint
+
+MODULES = ("core_attn", "mlp", "layernorm")
+
+
+def selected(config, name: str) -> bool:
+    """Whether ``config`` asks to recompute the module ``name`` (one of :data:`MODULES`)."""
+    return config.recompute_granularity == "selective" and name in (config.recompute_modules or ())
+
+
+def active(module: torch.nn.Module, enabled: bool) -> bool:
+    """Recompute now: ``enabled`` (from :func:`selected`), and ``module`` trains with autograd recording."""
+    return enabled and module.training and torch.is_grad_enabled()
+
+
+def checkpoint(function: Callable, *args: Tensor):
+    """``function(*args)`` keeping only ``args`` for backward, where ``function`` is re-run.
+
+    torch's non-reentrant checkpoint, which replays the CPU and CUDA generators; Megatron's CUDA RNG tracker
+    (forked by TE attention dropout and tensor-parallel regions) is replayed too. Under Transformer Engine FP8
+    autocast it is Megatron's ``te_checkpoint`` instead, which also replays the FP8 autocast state and recipe
+    metadata (as Megatron's ``TransformerLayer`` does for its MLP): the recompute runs outside the autocast.
+    """
+    if _fp8_autocast_enabled():
+        from megatron.core.extensions.transformer_engine import te_checkpoint
+
+        return te_checkpoint(function, False, tensor_parallel.get_cuda_rng_tracker, None, *args)
+    return torch_checkpoint(function, *args, use_reentrant=False, context_fn=_replay_rng_tracker)
+
+
+@functools.cache
+def _fp8_state_manager():
+    try:
+        from transformer_engine.pytorch.fp8 import FP8GlobalStateManager
+    except ImportError:  # no Transformer Engine (CPU, local spec): never FP8
+        return None
+    return FP8GlobalStateManager
+
+
+def _fp8_autocast_enabled() -> bool:
+    manager = _fp8_state_manager()
+    return manager is not None and manager.is_fp8_enabled()
+
+
+def _replay_rng_tracker():
+    """``context_fn`` of torch's checkpoint: the recompute sees the Megatron RNG tracker states of the forward,
+    and the tracker gets its backward-time states back afterwards (as Megatron's ``CheckpointFunction``)."""
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    forward_states = tracker.get_states()
+    if not forward_states:  # CPU (no-op tracker) or no tracker seeded: nothing to replay
+        return contextlib.nullcontext(), contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def replay():
+        current = tracker.get_states()
+        tracker.set_states(dict(forward_states))
+        try:
+            yield
+        finally:
+            tracker.set_states(current)
+
+    return contextlib.nullcontext(), replay()
+
+
+class DiscardingCheckpoint:
+    """Megatron's ``CheckpointWithoutOutput`` for deterministic functions, on any device (Megatron's needs CUDA).
+
+    ``outputs = ckpt(function, *args)`` (tensor ``args`` only) runs ``function`` without recording its graph and
+    keeps ``args``. ``ckpt.discard(outputs_to_free, *hook_tensors)``, called once the consumers of the outputs
+    have run, frees the memory of ``outputs_to_free`` (their tensors stay valid for autograd) and recomputes
+    ``function`` when the first of ``hook_tensors`` (the consumers' outputs) receives its gradient, which is
+    before the consumers' backward reads what they saved; the freed storage is refilled in place. The outputs'
+    own backward then runs through the recomputed graph. Without ``discard`` (or if no hook fires first) the
+    recompute happens in that backward. With ``enabled=False`` it is a plain call and ``discard`` does nothing.
+    """
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.function: Callable | None = None
+        self.outputs: tuple[Tensor, ...] = ()
+        self.ctx = None
+
+    def __call__(self, function: Callable, *args: Tensor):
+        if not self.enabled:
+            return function(*args)
+        self.function = function
+        outputs = _DiscardingCheckpointFunction.apply(self, *args)
+        self.outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        return outputs
+
+    def discard(self, outputs: tuple[Tensor, ...], *hook_tensors: Tensor) -> None:
+        """Free ``outputs`` (some of this checkpoint's outputs); recompute at the first hook tensor's gradient."""
+        if not self.enabled or not any(t.requires_grad for t in hook_tensors):
+            return  # no backward will come through them: keep the outputs
+        for out in outputs:
+            if not any(out is kept for kept in self.outputs):
+                raise ValueError("DiscardingCheckpoint.discard: not an output of this checkpoint")
+            out.untyped_storage().resize_(0)
+        for t in hook_tensors:
+            if t.requires_grad:
+                t.register_hook(self._recompute)
+
+    def _recompute(self, _grad=None) -> None:
+        ctx = self.ctx
+        if ctx is None or ctx.recomputed is not None:
+            return
+        inputs = tuple(_detached_leaf(t) for t in ctx.saved_tensors)
+        with torch.enable_grad():
+            outputs = self.function(*inputs)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        with torch.no_grad():  # refill freed outputs in place: the consumers saved these very tensors
+            for kept, new in zip(self.outputs, outputs, strict=True):
+                if kept.untyped_storage().nbytes() == 0 and new.untyped_storage().nbytes() > 0:
+                    kept.untyped_storage().resize_(new.untyped_storage().nbytes())
+                    kept.untyped_storage().copy_(new.untyped_storage())
+        ctx.recomputed = (inputs, outputs)
+        self.function, self.outputs, self.ctx = None, (), None
+
+
+def _detached_leaf(t: Tensor) -> Tensor:
+    return t.detach().requires_grad_(t.requires_grad)
+
+
+class _DiscardingCheckpointFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, owner: DiscardingCheckpoint, *args: Tensor):
+        outputs = owner.function(*args)  # autograd.Function.forward records no graph
+        ctx.save_for_backward(*args)
+        ctx.owner, ctx.recomputed = owner, None
+        owner.ctx = ctx
+        return outputs
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor | None):
+        if ctx.recomputed is None:
+            ctx.owner._recompute()
+        inputs, outputs = ctx.recomputed
+        ctx.owner = ctx.recomputed = None
+        pairs = [(o, g) for o, g in zip(outputs, grads, strict=True) if g is not None and o.requires_grad]
+        if pairs:
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        return (None, *(t.grad if t.requires_grad else None for t in inputs))
