@@ -120,7 +120,10 @@ def our_step(model, optimizer, batch, micro_batches: int = 1):
     """One optimizer step over ``micro_batches`` micro-batches (gradient reduction on the last one only)."""
     from megatron.core.distributed import finalize_model_grads
 
+    from flux_nemo.training.block_runner import refresh_fp8_weights
+
     img, txt, y, t, img_ids, txt_ids, target = batch
+    refresh_fp8_weights(model)  # the training step does this too: FP8 weights are re-quantized every step
     model.zero_grad_buffer()
     optimizer.zero_grad()
     for i in range(micro_batches):

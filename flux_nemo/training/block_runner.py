@@ -16,8 +16,10 @@ The model stays free of training concerns; ``block_runner(cfg)`` composes what `
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
+import torch
 from omegaconf import DictConfig
 from torch.utils.checkpoint import checkpoint
 
@@ -25,6 +27,9 @@ _RECOMPUTE = ("none", "block", "selective")
 # parallel.recompute_modules name -> Megatron-Core's recompute_modules name (its TransformerConfig checks these)
 RECOMPUTE_MODULES = {"core_attn": "core_attn", "mlp": "mlp", "norm": "layernorm"}
 _FP8 = (None, "delayed", "current", "block")
+_TE_LINEARS: weakref.WeakKeyDictionary = (
+    weakref.WeakKeyDictionary()
+)  # model -> its modules with the FP8 cache flag
 
 
 def fp8_recipe(precision: DictConfig):
@@ -107,3 +112,20 @@ def block_runner(cfg: DictConfig) -> Callable | None:
         return call(*args)
 
     return run
+
+
+def refresh_fp8_weights(model: torch.nn.Module) -> None:
+    """Mark the start of an optimizer step: Transformer Engine linears quantize their weights again.
+
+    Megatron's TE linears pass ``is_first_microbatch`` to TE, which quantizes the weights to FP8 on the first
+    micro-batch of a step and reuses that copy for the later micro-batches (and for block recompute), then clears
+    the flag. Megatron's schedules set it again per step through ``MegatronModule.set_is_first_microbatch``, which
+    acts only when ``config.fp8`` is set; this recipe enters FP8 through the block runner instead, so the training
+    step calls this. Without it every step would run the FP8 copy of the first step's weights. Costs nothing in
+    bf16 (the flag only gates the FP8 weight cache).
+    """
+    modules = _TE_LINEARS.get(model)
+    if modules is None:
+        modules = _TE_LINEARS[model] = [m for m in model.modules() if hasattr(m, "is_first_microbatch")]
+    for module in modules:
+        module.is_first_microbatch = True
