@@ -36,3 +36,21 @@ def make_inputs(
         img_ids=image_ids(batch, h, w),
         txt_ids=torch.zeros(batch, txt_len, 3),
     )
+
+
+def adamw_step(weights: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], lr: float = 1e-4):
+    """One step, from a fresh state, of the training AdamW (``build_torch_adamw``: the MLPerf betas, eps 1e-8 and
+    weight decay 0.1 on every parameter) on copies of ``weights`` in fp32 (fp64 for fp64 weights).
+
+    Returns:
+        the stepped copies, by name.
+    """
+    from flux_nemo.training.optim import build_torch_adamw
+
+    params = {}
+    for name, weight in weights.items():
+        param = weight.detach().to(torch.promote_types(weight.dtype, torch.float32)).clone().requires_grad_()
+        param.grad = grads[name].detach().to(param)
+        params[name] = param
+    build_torch_adamw(params.values(), lr).step()
+    return {name: param.detach() for name, param in params.items()}

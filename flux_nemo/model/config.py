@@ -26,6 +26,10 @@ class FluxConfig(TransformerConfig):
     The derived Megatron fields are filled in from the Flux fields: ``num_layers`` is
     ``num_double_blocks + num_single_blocks``, ``ffn_hidden_size`` is ``hidden_size * mlp_ratio`` and
     ``kv_channels`` is the head dim. Leave them unset; a conflicting value raises.
+
+    Parallelism (Megatron fields): ``tensor_model_parallel_size``, ``context_parallel_size`` and
+    ``sequence_parallel`` (Megatron sequence parallelism, needs tensor parallelism; with context parallelism too:
+    ``flux_nemo.model.sequence_parallel``). Pipeline parallelism is rejected.
     """
 
     ##################
@@ -102,6 +106,12 @@ class FluxConfig(TransformerConfig):
 
     def __post_init__(self) -> None:
         self._derive_megatron_fields()
+        # Before Megatron's own check, whose message does not name the field.
+        if self.sequence_parallel and self.tensor_model_parallel_size <= 1:
+            raise ValueError(
+                "FluxConfig.sequence_parallel needs tensor_model_parallel_size > 1 (it splits the tokens over the "
+                f"tensor-parallel ranks), got tensor_model_parallel_size={self.tensor_model_parallel_size}"
+            )
         self._check_recompute()  # before Megatron's checks, which assert on other module names
         super().__post_init__()
         self._validate()
@@ -203,11 +213,6 @@ class FluxConfig(TransformerConfig):
                 self.pipeline_model_parallel_size != 1,
                 "pipeline_model_parallel_size",
                 "must be 1: the Flux model is not pipeline-parallel",
-            ),
-            (
-                self.sequence_parallel,
-                "sequence_parallel",
-                "must be False: the joint text + image sequence is not sequence-parallel",
             ),
             (
                 min(self.in_channels, self.vec_in_dim, self.context_in_dim) <= 0,

@@ -10,6 +10,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
 from torch import Tensor, nn
 
+from flux_nemo.model import sequence_parallel as sp
 from flux_nemo.model.adaln import LastLayer
 from flux_nemo.model.blocks import FluxSubmodules
 from flux_nemo.model.config import FluxConfig
@@ -41,6 +42,8 @@ class Flux(MegatronModule):
     ):
         super().__init__(config)
         self.block_runner = block_runner
+        if config.sequence_parallel:
+            submodules = sp.sequence_parallel_spec(submodules)
         h = config.hidden_size
         self.pe_embedder = EmbedND(config.axes_dim, config.theta)
         self.img_in = replicated_linear(config, config.in_channels, h)
@@ -58,6 +61,9 @@ class Flux(MegatronModule):
             for i in range(config.num_single_blocks)
         )
         self.final_layer = LastLayer(config)
+        if config.sequence_parallel:
+            sp.mark_sequence_parallel_params(self.double_blocks)
+            sp.mark_sequence_parallel_params(self.single_blocks)
 
     def forward(
         self, img: Tensor, txt: Tensor, y: Tensor, timesteps: Tensor, img_ids: Tensor, txt_ids: Tensor
@@ -73,8 +79,15 @@ class Flux(MegatronModule):
                 A batch size of 1 shares one RoPE table over the batch (lets the ``te`` spec use fused RoPE).
 
         Returns:
-            ``[b, s_img, in_channels]``.
+            ``[b, s_img, in_channels]``, the whole sequence on every rank (also with sequence parallelism).
+
+        Raises:
+            ValueError: with sequence parallelism, if ``s_img`` or ``s_txt`` is not divisible by the
+                tensor-parallel size.
         """
+        seq_par = self.config.sequence_parallel
+        if seq_par:
+            sp.check_divisible(img=img.shape[1], txt=txt.shape[1])
         # Like the reference, inputs take the parameters' dtype.
         dtype = self.img_in.weight.dtype
         img, txt, y, timesteps = (t.to(dtype) for t in (img, txt, y, timesteps))
@@ -82,13 +95,21 @@ class Flux(MegatronModule):
         vec = self.time_in(timestep_embedding(timesteps, 256)) + self.vector_in(y)  # [b, h]
         txt = self.txt_in(txt.transpose(0, 1))  # [s_txt, b, h]
         pe = self.pe_embedder(_cat_ids(txt_ids, img_ids))  # [s_txt + s_img, b|1, 1, head_dim]
+        single_pe, block_vec = pe, vec
+        if seq_par:  # flux_nemo.model.sequence_parallel: each tensor-parallel rank keeps 1/tp of the tokens
+            single_pe = sp.single_block_rope(pe, txt.shape[0])  # [txt_0, img_0, txt_1, img_1, ...] order
+            img = sp.scatter_tokens(img, self.config)  # [s_img / tp, b, h]
+            txt = sp.scatter_tokens(txt, self.config)  # [s_txt / tp, b, h]
+            block_vec = sp.block_conditioning(vec)  # backward: block gradients summed over tensor parallel
 
         for block in self.double_blocks:
-            img, txt = self.run_block(block, img, txt, vec, pe)
-        x = torch.cat([txt, img], dim=0)  # [s_txt + s_img, b, h]
+            img, txt = self.run_block(block, img, txt, block_vec, pe)
+        x = torch.cat([txt, img], dim=0)  # [s_txt + s_img, b, h] (sequence parallel: this rank's slices)
         for block in self.single_blocks:
-            x = self.run_block(block, x, vec, pe)
+            x = self.run_block(block, x, block_vec, single_pe)
         img = x[txt.shape[0] :]  # [s_img, b, h]
+        if seq_par:
+            img = sp.gather_tokens(img)  # [s_img, b, h]: the final layer runs on every token on every rank
 
         img = self.final_layer(img, vec)  # [s_img, b, in_channels]
         return img.transpose(0, 1)  # [b, s_img, in_channels]

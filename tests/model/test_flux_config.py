@@ -77,7 +77,7 @@ def test_replace_keeps_derived_fields_consistent():
         (dict(num_double_blocks=0, num_single_blocks=0), "num_single_blocks"),
         (dict(normalization="LayerNorm"), "normalization"),
         (dict(pipeline_model_parallel_size=2, pipeline_dtype=torch.float32), "pipeline_model_parallel_size"),
-        (dict(sequence_parallel=True, tensor_model_parallel_size=2), "sequence_parallel"),
+        (dict(sequence_parallel=True, tensor_model_parallel_size=1), "sequence_parallel"),
         (dict(gated_linear_unit=True), "gated_linear_unit"),
         (dict(in_channels=0), "in_channels"),
         (dict(not_a_field=1), "not_a_field"),
@@ -86,6 +86,17 @@ def test_replace_keeps_derived_fields_consistent():
 def test_invalid_configs_name_the_field(overrides, field):
     with pytest.raises(ValueError, match=field):
         FluxConfig.from_flavor("tiny", **overrides)
+
+
+def test_sequence_parallel_needs_tensor_parallel():
+    with pytest.raises(ValueError, match=r"FluxConfig\.sequence_parallel needs tensor_model_parallel_size"):
+        FluxConfig(sequence_parallel=True, tensor_model_parallel_size=1)
+    config = FluxConfig.from_flavor("tiny", sequence_parallel=True, tensor_model_parallel_size=2)
+    assert config.sequence_parallel and config.context_parallel_size == 1
+    # With context parallelism too (each context-parallel slice is split again over the tensor-parallel ranks).
+    assert FluxConfig.from_flavor(
+        "tiny", sequence_parallel=True, tensor_model_parallel_size=2, context_parallel_size=2
+    ).sequence_parallel
 
 
 def test_hidden_must_divide_over_tensor_parallel_ranks():

@@ -1,39 +1,66 @@
-"""One of two ranks of a parallel-vs-unsharded check (run by tests/parallel/test_parallel.py).
+"""One rank of a parallel-vs-unsharded check (run by tests/parallel/test_parallel.py).
 
-Loads the unsharded weights, inputs, output and gradients of a single-rank run, then
-  * ``cp``: runs this rank's slice of the sequence with context_parallel_size=2 and checks its output slice and
-    the CP-summed gradients;
-  * ``tp``: loads this rank's Megatron shard of every weight with tensor_model_parallel_size=2 and checks the
-    (replicated) output and this rank's shard of every gradient after ``finalize_model_grads`` semantics
-    (QK-norm weight grads summed over the tensor-parallel group).
+Loads the unsharded weights, inputs, output, gradients and AdamW-stepped weights of a single-rank run, loads this
+rank's Megatron shard of every weight in the layout of ``mode`` (:data:`MODES`), runs this rank's part of the batch
+and checks, each against the matching part of the single-rank run:
+  * the output: this rank's slice of the tokens under context parallelism, else the whole output (tensor
+    parallelism, with or without sequence parallelism, replicates it);
+  * this rank's shard of every gradient after the reductions of training: summed over the context-parallel group
+    (Megatron DDP reduces over data x context ranks), then Megatron's own tensor-parallel reduction of
+    ``finalize_model_grads`` (QK-norm weights; with sequence parallelism every parameter marked
+    ``sequence_parallel``);
+  * one step of the training AdamW on those gradients: the stepped shards, measured against the size of the step.
+With sequence parallelism it first checks that a sequence length that does not split over the tensor-parallel
+ranks fails, naming the tensor.
 """
 
 import faulthandler
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 
 faulthandler.dump_traceback_later(300, exit=True)  # fail, never hang, if a collective stalls
+sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/: flux_testing
 
 from flux_nemo.shims import initialize_megatron  # noqa: E402
 
+MODES = {
+    "cp": dict(context_parallel_size=2),
+    "tp": dict(tensor_model_parallel_size=2),
+    "sp": dict(tensor_model_parallel_size=2, sequence_parallel=True),
+    "cp_sp": dict(tensor_model_parallel_size=2, context_parallel_size=2, sequence_parallel=True),
+}
+
 data = torch.load(sys.argv[1])
 backend, mode = data["backend"], data["mode"]
-initialize_megatron(**{"tp": dict(tensor_model_parallel_size=2), "cp": dict(context_parallel_size=2)}[mode])
+layout = MODES[mode]
+initialize_megatron(
+    tensor_model_parallel_size=layout.get("tensor_model_parallel_size", 1),
+    context_parallel_size=layout.get("context_parallel_size", 1),
+    backend="nccl" if data["device"] == "cuda" else "gloo",
+)
 
+from flux_testing import adamw_step  # noqa: E402
 from megatron.core import parallel_state  # noqa: E402
+from megatron.core.distributed import DistributedDataParallelConfig  # noqa: E402
+from megatron.core.distributed.finalize_model_grads import (  # noqa: E402
+    _allreduce_non_tensor_model_parallel_grads,
+)
 
 from flux_nemo.flow_matching import ModelInputs  # noqa: E402
 from flux_nemo.model import FluxConfig, build_flux  # noqa: E402
 from flux_nemo.training.context_parallel import shard_inputs  # noqa: E402
 
-device = torch.device("cuda" if backend == "te" else "cpu")
-size_field = {"tp": "tensor_model_parallel_size", "cp": "context_parallel_size"}[mode]
-config = FluxConfig.from_flavor("tiny", **{size_field: 2}, **data["config"])
+device = torch.device(data["device"])
+config = FluxConfig.from_flavor("tiny", **layout, **data["config"])
 model = build_flux(config, backend=backend).to(device)
 tp_rank = parallel_state.get_tensor_model_parallel_rank()
 tp_size = parallel_state.get_tensor_model_parallel_world_size()
+cp_rank = parallel_state.get_context_parallel_rank()
+cp_size = parallel_state.get_context_parallel_world_size()
 
 
 def shard(p: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
@@ -43,34 +70,60 @@ def shard(p: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
     return full
 
 
+def rel_err(x: torch.Tensor, ref: torch.Tensor, scale: torch.Tensor) -> float:
+    return ((x.double() - ref.double()).norm() / scale.double().norm().clamp_min(1e-30)).item()
+
+
 with torch.no_grad():
     for name, p in model.named_parameters():
         p.copy_(shard(p, data["weights"][name]))
 
 inputs = ModelInputs(**{k: v.to(device) for k, v in data["inputs"].items()})
 local = shard_inputs(inputs)  # identity unless context parallel
+
+if config.sequence_parallel:
+    for name in ("img", "txt"):  # one token too few: the length no longer splits over the two ranks
+        short = {name: getattr(local, name)[:, 1:], f"{name}_ids": getattr(local, f"{name}_ids")[:, 1:]}
+        bad = local._replace(**short)
+        try:
+            model(bad.img, bad.txt, bad.y, bad.timesteps, bad.img_ids, bad.txt_ids)
+        except ValueError as e:
+            assert f"{name} has " in str(e) and "tensor_model_parallel_size=2" in str(e), e
+        else:
+            raise AssertionError(f"an odd {name} length ran under sequence parallelism")
+
 out = model(local.img, local.txt, local.y, local.timesteps, local.img_ids, local.txt_ids)
-# The CP=1 run's loss was sum(output * target); target is sliced like the image tokens.
+# The single-rank run's loss was sum(output * target); target is sliced like the image tokens.
 (out.double() * local.target.double()).sum().backward()
 
-rank = parallel_state.get_context_parallel_rank()
 expected = data["output"].to(device)
-if mode == "cp":
-    expected = expected.chunk(2, dim=1)[rank]
+if cp_size > 1:
+    expected = expected.chunk(cp_size, dim=1)[cp_rank]
 out_err = ((out.double() - expected.double()).abs().amax() / expected.double().abs().amax()).item()
-worst = 0.0
+
+if cp_size > 1:
+    for p in model.parameters():
+        dist.all_reduce(p.grad, group=parallel_state.get_context_parallel_group())
+# The tensor-parallel part of Megatron's finalize_model_grads, which reads the ddp_config of the DDP wrapper.
+_allreduce_non_tensor_model_parallel_grads(
+    [SimpleNamespace(module=model, ddp_config=DistributedDataParallelConfig())], config
+)
+
+grad_err, grads = 0.0, {}
 for name, p in model.named_parameters():
-    grad = p.grad.detach().clone()
-    if mode == "cp":
-        dist.all_reduce(grad, group=parallel_state.get_context_parallel_group())
-    elif "q_layernorm" in name or "k_layernorm" in name:  # each rank normalised only its own heads
-        dist.all_reduce(grad, group=parallel_state.get_tensor_model_parallel_group())
-    ref = shard(p, data["grads"][name].to(device)).double()
-    err = ((grad.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-    worst = max(worst, err)
+    grads[name] = p.grad.detach()
+    ref = shard(p, data["grads"][name].to(device))
+    grad_err = max(grad_err, rel_err(grads[name], ref, ref))
+
+stepped, step_err = adamw_step(dict(model.named_parameters()), grads), 0.0
+for name, p in model.named_parameters():
+    ref, before = (shard(p, data[key][name].to(device)) for key in ("stepped", "weights"))
+    step_err = max(step_err, rel_err(stepped[name], ref, ref.double() - before.double()))
 print(
-    f"{mode} rank {dist.get_rank()}: output relative max error {out_err:.3e}, worst gradient relative L2 error {worst:.3e}"
+    f"{mode} rank {dist.get_rank()}: output relative max error {out_err:.3e}, worst gradient relative L2 error "
+    f"{grad_err:.3e}, worst AdamW step relative L2 error {step_err:.3e}"
 )
 assert out_err < data["tol_out"], out_err
-assert worst < data["tol_grad"], worst
+assert grad_err < data["tol_grad"], grad_err
+assert step_err < data["tol_step"], step_err
 print("PARALLEL-OK")
