@@ -25,10 +25,13 @@ collectives go through NCCL (capturable; gloo is not).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING
 
 import torch
-from omegaconf import DictConfig
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 MODES = ("none", "full_iteration")
 
@@ -145,6 +148,20 @@ def use_graph_safe_rng(seed: int) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(seed, use_cudagraphable_rng=True, force_reset_rng=True)
 
 
+def use_side_stream() -> torch.cuda.Stream:
+    """Make a new side stream this thread's current CUDA stream; returns the stream that was current.
+
+    Call it before the model and its Megatron DDP wrapper are built. Megatron DDP keeps each parameter's
+    ``AccumulateGrad`` node (for its gradient hooks), and autograd runs such a node on the stream that was current
+    when it was made: on the legacy default stream it cannot join a capture ("operation would make the legacy stream
+    depend on a capturing blocking stream"). Training then runs on this stream, and the graphs are warmed up and
+    captured on it (PyTorch's recipe for DDP: construct and warm up on a side stream).
+    """
+    previous = torch.cuda.current_stream()
+    torch.cuda.set_stream(torch.cuda.Stream())
+    return previous
+
+
 def rearm_param_gather(model: torch.nn.Module) -> None:
     """Megatron DDP with overlapped parameter all-gather: make the next forward dispatch every bucket's all-gather.
 
@@ -177,6 +194,8 @@ class GraphedStep:
         generators: returns the generators to register with the graph besides the default CUDA generator
             (default :func:`megatron_rng_generators`).
         before_capture: called just before the capture (e.g. :func:`rearm_param_gather`).
+        stream: where the eager calls and the capture run (None: a new side stream). Use the stream the model's
+            autograd nodes were made on when they outlive an iteration (Megatron DDP; :func:`use_side_stream`).
     """
 
     def __init__(
@@ -188,6 +207,7 @@ class GraphedStep:
         pool=None,
         generators: Callable[[], Iterable[torch.Generator]] = megatron_rng_generators,
         before_capture: Callable[[], None] | None = None,
+        stream: torch.cuda.Stream | None = None,
     ):
         if not torch.cuda.is_available():
             raise RuntimeError(f"{name}: CUDA graphs need a CUDA device (parallel.cuda_graph=none on CPU)")
@@ -197,7 +217,9 @@ class GraphedStep:
         self.pool, self.generators, self.before_capture = pool, generators, before_capture
         self.device = torch.device("cuda", torch.cuda.current_device())
         self.inputs = StaticInputs(self.device, name)
-        self.stream = torch.cuda.Stream(self.device)
+        self.stream = torch.cuda.Stream(self.device) if stream is None else stream
+        if self.stream == torch.cuda.default_stream(self.device):
+            raise ValueError(f"{name}: cannot capture on the default stream; pass a side stream or None")
         self.graph: torch.cuda.CUDAGraph | None = None
         self.outputs = None
         self.calls = 0  # every call
@@ -220,6 +242,8 @@ class GraphedStep:
 
     def _eager(self, static: dict[str, Tensor]):
         current = torch.cuda.current_stream(self.device)
+        if current == self.stream:
+            return self.fn(static)
         self.stream.wait_stream(current)
         with torch.cuda.stream(self.stream):
             outputs = self.fn(static)

@@ -71,7 +71,8 @@ class FluxTrainingModule(pl.LightningModule):
             return
         seed = self.trainer.strategy.seed
         graphs = self.cfg.parallel.cuda_graph == "full_iteration"
-        if graphs:  # before the build: Transformer Engine attention keeps the RNG tracker it sees
+        if graphs:  # before the build: autograd nodes keep their stream, TE attention keeps its RNG tracker
+            self._stream_before_graphs = cuda_graph.use_side_stream()
             cuda_graph.use_graph_safe_rng(seed)
         torch.manual_seed(seed)
         self.flux = build_model(self.cfg, self.device)
@@ -91,17 +92,26 @@ class FluxTrainingModule(pl.LightningModule):
         own replay, so it costs almost no extra memory, while nothing either graph keeps alive is touched by the
         other (an allocation made during a capture stays reserved in the pool while it is referenced).
         """
-        pool = torch.cuda.graph_pool_handle()
+        pool, stream = torch.cuda.graph_pool_handle(), torch.cuda.current_stream()
         self.train_graph = cuda_graph.GraphedStep(
             self._forward_backward,
             name="training step",
             warmup=GRAPH_WARMUP_CALLS,
             pool=pool,
+            stream=stream,
             before_capture=lambda: cuda_graph.rearm_param_gather(self.flux),
         )
         self.eval_graph = cuda_graph.GraphedStep(
-            self.eval_sums, name="evaluation step", warmup=GRAPH_WARMUP_CALLS, pool=pool
+            self.eval_sums, name="evaluation step", warmup=GRAPH_WARMUP_CALLS, pool=pool, stream=stream
         )
+
+    def teardown(self, stage: str) -> None:
+        """Give the thread back the CUDA stream it had before the graphs' side stream (several runs per process)."""
+        previous = getattr(self, "_stream_before_graphs", None)
+        if previous is not None:
+            torch.cuda.set_stream(previous)
+            self._stream_before_graphs = None
+        super().teardown(stage)
 
     def configure_optimizers(self):
         """Built by the strategy once it has wrapped the model (Megatron optimizer on GPU, AdamW on CPU)."""
