@@ -99,19 +99,18 @@ class DiscardingCheckpoint:
     before the consumers' backward reads what they saved; the freed storage is refilled in place. The outputs'
     own backward then runs through the recomputed graph. Without ``discard`` (or if no hook fires first) the
     recompute happens in that backward. With ``enabled=False`` it is a plain call and ``discard`` does nothing.
+    One backward only (no ``retain_graph``).
     """
 
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
-        self.function: Callable | None = None
         self.outputs: tuple[Tensor, ...] = ()
-        self.ctx = None
+        self.ctx = None  # the autograd node until the recompute; it never refers back to this object
 
     def __call__(self, function: Callable, *args: Tensor):
         if not self.enabled:
             return function(*args)
-        self.function = function
-        outputs = _DiscardingCheckpointFunction.apply(self, *args)
+        outputs = _DiscardingCheckpointFunction.apply(function, self, *args)
         self.outputs = outputs if isinstance(outputs, tuple) else (outputs,)
         return outputs
 
@@ -127,43 +126,45 @@ class DiscardingCheckpoint:
             if t.requires_grad:
                 t.register_hook(self._recompute)
 
-    def _recompute(self, _grad=None) -> None:
-        ctx = self.ctx
-        if ctx is None or ctx.recomputed is not None:
-            return
-        inputs = tuple(_detached_leaf(t) for t in ctx.saved_tensors)
-        with torch.enable_grad():
-            outputs = self.function(*inputs)
-        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-        with torch.no_grad():  # refill freed outputs in place: the consumers saved these very tensors
-            for kept, new in zip(self.outputs, outputs, strict=True):
-                if kept.untyped_storage().nbytes() == 0 and new.untyped_storage().nbytes() > 0:
-                    kept.untyped_storage().resize_(new.untyped_storage().nbytes())
-                    kept.untyped_storage().copy_(new.untyped_storage())
-        ctx.recomputed = (inputs, outputs)
-        self.function, self.outputs, self.ctx = None, (), None
+    def _recompute(self, _grad: Tensor) -> None:
+        if self.ctx is not None:
+            _recompute(self.ctx, self.outputs)
+        self.ctx, self.outputs = None, ()
 
 
-def _detached_leaf(t: Tensor) -> Tensor:
-    return t.detach().requires_grad_(t.requires_grad)
+def _recompute(ctx, kept: tuple[Tensor, ...]) -> None:
+    """Re-run the checkpointed function from its saved inputs; refill the freed ones of the ``kept`` outputs."""
+    if ctx.recomputed is not None:
+        return
+    if ctx.function is None:
+        raise RuntimeError("DiscardingCheckpoint supports one backward (no retain_graph)")
+    inputs = tuple(t.detach().requires_grad_(t.requires_grad) for t in ctx.saved_tensors)
+    with torch.enable_grad():
+        outputs = ctx.function(*inputs)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    with torch.no_grad():  # the consumers saved these very tensors: refill their storage in place
+        for old, new in zip(kept, outputs, strict=True):
+            if old.untyped_storage().nbytes() == 0 and new.untyped_storage().nbytes() > 0:
+                old.untyped_storage().resize_(new.untyped_storage().nbytes())
+                old.untyped_storage().copy_(new.untyped_storage())
+    ctx.recomputed = (inputs, outputs)
 
 
 class _DiscardingCheckpointFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, owner: DiscardingCheckpoint, *args: Tensor):
-        outputs = owner.function(*args)  # autograd.Function.forward records no graph
+    def forward(ctx, function: Callable, owner: DiscardingCheckpoint, *args: Tensor):
+        outputs = function(*args)  # autograd.Function.forward records no graph
         ctx.save_for_backward(*args)
-        ctx.owner, ctx.recomputed = owner, None
+        ctx.function, ctx.recomputed = function, None
         owner.ctx = ctx
         return outputs
 
     @staticmethod
     def backward(ctx, *grads: Tensor | None):
-        if ctx.recomputed is None:
-            ctx.owner._recompute()
+        _recompute(ctx, ())  # no-op when a hook recomputed already
         inputs, outputs = ctx.recomputed
-        ctx.owner = ctx.recomputed = None
+        ctx.function = ctx.recomputed = None
         pairs = [(o, g) for o, g in zip(outputs, grads, strict=True) if g is not None and o.requires_grad]
         if pairs:
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-        return (None, *(t.grad if t.requires_grad else None for t in inputs))
+        return (None, None, *(t.grad if t.requires_grad else None for t in inputs))
