@@ -9,7 +9,8 @@ with Megatron-Core's module names (``TransformerConfig`` validates them; ``FluxC
 * ``layernorm``: the LayerNorm + adaLN modulate in front of each attention and MLP (``flux_nemo.model.blocks``).
   Output-discarding checkpointing, like Megatron's ``layernorm`` (``CheckpointWithoutOutput``): the modulated
   tensor is released once the layers that read it (QKV / fc1 linears, which save it for their weight gradient)
-  have run, and recomputed from the kept block input just before their backward needs it.
+  have run, and recomputed from the kept block input just before their backward needs it. (Under FP8 the TE
+  linears keep their own quantized copy instead, so the release saves less.)
 
 A layer recomputes only while training with autograd recording (``module.training`` and grad enabled), as
 Megatron's layers do: evaluation and ``torch.no_grad`` run plainly. Whole-block recompute is not done here but by
@@ -45,8 +46,9 @@ def checkpoint(function: Callable, *args: Tensor):
 
     torch's non-reentrant checkpoint, which replays the CPU and CUDA generators; Megatron's CUDA RNG tracker
     (forked by TE attention dropout and tensor-parallel regions) is replayed too. Under Transformer Engine FP8
-    autocast it is Megatron's ``te_checkpoint`` instead, which also replays the FP8 autocast state and recipe
-    metadata (as Megatron's ``TransformerLayer`` does for its MLP): the recompute runs outside the autocast.
+    autocast it is Megatron's ``te_checkpoint`` instead, as Megatron's ``TransformerLayer`` does for its MLP: the
+    recompute runs in backward, outside the autocast, in TE's recompute phase, where TE modules reuse the FP8
+    scaling metadata of the forward (torch's checkpoint would recompute them in bf16).
     """
     if _fp8_autocast_enabled():
         from megatron.core.extensions.transformer_engine import te_checkpoint
