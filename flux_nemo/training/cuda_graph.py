@@ -50,11 +50,11 @@ def validate(cfg: DictConfig) -> None:
             "through te.make_graphed_callables (amax/scale updates and the FP8 weight cache are host-side state "
             "that a plain torch.cuda.graph replay does not re-run); use precision=bf16 or parallel.cuda_graph=none"
         )
-    if cfg.parallel.recompute != "none":
+    if cfg.parallel.sequence_parallel and _backend(cfg) == "local":
         raise ValueError(
-            f"{key} does not support parallel.recompute={cfg.parallel.recompute!r}: torch.utils.checkpoint saves "
-            "the CUDA RNG state with torch.cuda.get_rng_state(), which CUDA graph capture forbids; use "
-            "parallel.recompute=none or parallel.cuda_graph=none"
+            f"{key} does not support parallel.sequence_parallel=true with model.backend=local: Megatron's local "
+            "sequence-parallel linears all-gather into a global buffer that is reallocated when a larger batch "
+            "comes (the evaluation batch), leaving a captured graph with a freed address; use model.backend=te"
         )
     if cfg.parallel.num_distributed_optimizer_instances != 1:
         raise ValueError(
@@ -68,6 +68,12 @@ def validate(cfg: DictConfig) -> None:
             f"{cfg.system.accelerator!r}, CUDA available: {torch.cuda.is_available()}); use "
             "parallel.cuda_graph=none on CPU"
         )
+
+
+def _backend(cfg: DictConfig) -> str:
+    from flux_nemo.training.model_builder import backend
+
+    return backend(cfg)
 
 
 def signature(inputs: Mapping[str, Tensor]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

@@ -22,7 +22,14 @@ def test_none_is_valid_and_unknown_modes_fail_naming_the_key():
     [
         (["model.backend=te", "precision=fp8_delayed"], r"precision\.fp8='delayed'"),
         (["model.backend=te", "precision=fp8_current"], r"precision\.fp8='current'"),
-        (["parallel.recompute=block"], r"parallel\.recompute='block'"),
+        (
+            [
+                "model.backend=local",
+                "parallel.tensor_model_parallel_size=2",
+                "parallel.sequence_parallel=true",
+            ],
+            r"parallel\.sequence_parallel=true with model\.backend=local",
+        ),
         (
             ["parallel.num_distributed_optimizer_instances=2"],
             r"parallel\.num_distributed_optimizer_instances",
