@@ -74,10 +74,13 @@ def gather_sequence(t: Tensor) -> Tensor:
     """All-gather ``[n, s, ...]`` over the context-parallel group along the sequence (dim 1); autograd sums the
     gradients of the gathered copies back onto their owners. Unmasked attention is invariant to the token
     order, so each rank may hold any slice of the joint sequence as long as its RoPE angles travel with it."""
-    from torch.distributed.nn.functional import all_gather
+    from flux_nemo.shims import gather_from_sequence_parallel_region
 
+    # Megatron's sequence gather (reduce-scatter backward) over the CP group; torch.distributed.nn's all_gather
+    # backward would address the group's ranks as global ranks under gloo (wrong once TP x CP > CP).
     group = parallel_state.get_context_parallel_group()
-    return torch.cat(all_gather(t, group=group), dim=1)
+    gathered = gather_from_sequence_parallel_region(t.transpose(0, 1).contiguous(), group=group)
+    return gathered.transpose(0, 1)
 
 
 class RMSNorm(torch.nn.RMSNorm):
@@ -196,7 +199,8 @@ class JointSelfAttention(_FluxAttention):
         txt_qkv = self._project_qkv(txt, self.txt_linear_qkv, self.txt_q_layernorm, self.txt_k_layernorm)
         q, k, v = (torch.cat([t, i], dim=0) for t, i in zip(txt_qkv, img_qkv, strict=True))  # [s, b, np, hn]
         attn = self._attend(q, k, v, pe)  # [s, b, h / tp]
-        txt_attn, img_attn = attn.split([txt.shape[0], img.shape[0]], dim=0)
+        # Split at the projected lengths: under sequence parallelism img/txt are shards and q/k/v the gathered whole.
+        txt_attn, img_attn = attn.split([txt_qkv[0].shape[0], img_qkv[0].shape[0]], dim=0)
         return linear_out(self.img_linear_proj, img_attn), linear_out(self.txt_linear_proj, txt_attn)
 
 

@@ -28,29 +28,13 @@ from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
 from torch import Tensor, nn
 
 from flux_nemo import shims
-from flux_nemo.model.attention import JointSelfAttention, linear_out
 from flux_nemo.model.config import FluxConfig
 
 
-class SequenceParallelJointSelfAttention(JointSelfAttention):
-    """``JointSelfAttention`` whose ``img``/``txt`` inputs may be sequence shards: the attention output (whole
-    sequence, gathered by the QKV linears) is split at the gathered text and image lengths."""
-
-    def forward(self, img: Tensor, txt: Tensor, pe: Tensor) -> tuple[Tensor, Tensor]:
-        """Modulated ``img [s_img / tp, b, h]``, ``txt [s_txt / tp, b, h]``, RoPE ``pe`` of the whole sequence."""
-        img_qkv = self._project_qkv(img, self.img_linear_qkv, self.img_q_layernorm, self.img_k_layernorm)
-        txt_qkv = self._project_qkv(txt, self.txt_linear_qkv, self.txt_q_layernorm, self.txt_k_layernorm)
-        q, k, v = (torch.cat([t, i], dim=0) for t, i in zip(txt_qkv, img_qkv, strict=True))  # [s, b, np, hn]
-        attn = self._attend(q, k, v, pe)  # [s_txt + s_img, b, h / tp]
-        txt_attn, img_attn = attn.split([txt_qkv[0].shape[0], img_qkv[0].shape[0]], dim=0)
-        return linear_out(self.img_linear_proj, img_attn), linear_out(self.txt_linear_proj, txt_attn)
-
-
 def sequence_parallel_spec(spec):
-    """The Flux block specs with the sequence-parallel joint attention, and Megatron's local linears replaced by
-    their subclasses that also run sequence parallelism off CUDA (``flux_nemo.shims``)."""
-    replace = {JointSelfAttention: SequenceParallelJointSelfAttention, **shims.SEQUENCE_PARALLEL_LINEARS}
-    return _replace_classes(spec, replace)
+    """The Flux block specs with Megatron's local linears replaced by their subclasses that also run sequence
+    parallelism off CUDA (``flux_nemo.shims``)."""
+    return _replace_classes(spec, shims.SEQUENCE_PARALLEL_LINEARS)
 
 
 def _replace_classes(spec, replace: dict[type, type]):

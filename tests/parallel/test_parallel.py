@@ -24,10 +24,6 @@ WORLD_SIZE = {"cp": 2, "tp": 2, "sp": 2, "cp_sp": 4}  # the layouts are parallel
 # torch.distributed.nn.functional.all_gather (flux_nemo.model.attention.gather_sequence, the CP key/value gather of
 # the local spec) runs its gloo backward as scatters rooted at group ranks passed as global ranks: it fails in a
 # context-parallel group that is not ranks 0..cp-1, as with tensor x context parallelism on 4 CPU ranks.
-GLOO_CP_GATHER = (
-    "attention.gather_sequence: torch.distributed.nn all_gather's gloo backward fails in a CP group other than "
-    "ranks 0..cp-1; passes with flux_nemo.shims.gather_from_sequence_parallel_region(..., group=cp group)"
-)
 
 
 def reference_run(backend: str, dtype: torch.dtype, device: str) -> dict:
@@ -94,9 +90,7 @@ def run_ranks(data: dict, tmp_path: Path) -> list[str]:
     return outputs
 
 
-@pytest.mark.parametrize(
-    "mode", ["cp", "tp", "sp", pytest.param("cp_sp", marks=pytest.mark.skip(reason=GLOO_CP_GATHER))]
-)
+@pytest.mark.parametrize("mode", ["cp", "tp", "sp", "cp_sp"])
 def test_ranks_match_one_on_cpu(megatron_world, tmp_path, mode):
     data = reference_run("local", torch.float64, "cpu")
     # The AdamW step is measured against its own size: in fp64 it still sees eps (1e-8) against the gradients,
