@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from flux_nemo import flow_matching as fm
 from flux_nemo.training import cuda_graph
+from flux_nemo.training.block_runner import refresh_fp8_weights
 from flux_nemo.training.checkpoint import rng_state, set_rng_state
 from flux_nemo.training.config import check_batch_sizes, resolve_lr_warmup
 from flux_nemo.training.context_parallel import average_over_context_parallel, shard_inputs
@@ -164,6 +165,7 @@ class FluxTrainingModule(pl.LightningModule):
         """The step on a device batch: zero the grads, micro-batches, grad sync (what a CUDA graph captures)."""
         strategy = self.trainer.strategy
         micro = self.cfg.train.micro_batch_size
+        refresh_fp8_weights(self.flux)  # FP8: quantize the updated weights once, on the first micro-batch
         chunks = [
             {k: v[i : i + micro] for k, v in batch.items()} for i in range(0, len(batch["mean"]), micro)
         ]
@@ -233,6 +235,8 @@ class FluxTrainingModule(pl.LightningModule):
 
         Per-sample MSE at t = timestep / 8 (no dropout, fresh noise); padding rows never count.
         """
+        # FP8: quantize the current weights (a graph captured here then re-quantizes them at every replay).
+        refresh_fp8_weights(self.flux)
         inputs = shard_inputs(fm.eval_inputs(batch, self.dtype_compute))
         per_sample = average_over_context_parallel(fm.per_sample_mse(self.predict(inputs), inputs.target))
         valid = batch["valid"]
