@@ -140,7 +140,7 @@ def _recompute(ctx, kept: tuple[Tensor, ...]) -> None:
         return
     if ctx.function is None:
         raise RuntimeError("DiscardingCheckpoint supports one backward (no retain_graph)")
-    inputs = tuple(t.detach().requires_grad_(t.requires_grad) for t in ctx.saved_tensors)
+    inputs = tuple(_leaf(t) for t in ctx.saved_tensors)
     with torch.enable_grad():
         outputs = ctx.function(*inputs)
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
@@ -152,10 +152,24 @@ def _recompute(ctx, kept: tuple[Tensor, ...]) -> None:
     ctx.recomputed = (inputs, outputs)
 
 
+def _leaf(t: Tensor) -> Tensor:
+    return t.detach().requires_grad_(t.requires_grad)
+
+
+def _identity(t: Tensor) -> Tensor:
+    return t
+
+
 class _DiscardingCheckpointFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, function: Callable, owner: DiscardingCheckpoint, *args: Tensor):
-        outputs = function(*args)  # autograd.Function.forward records no graph
+        # Run exactly as the recompute will (grad enabled, leaves that require grad as the inputs do): the same
+        # kernels, so bit-identical outputs, and a torch.compile'd function reuses its training graph rather than
+        # compiling a no-grad one. The graph is dropped at once; an innermost no-op pair of saved-tensor hooks
+        # keeps outer hooks (offloading, memory accounting) away from its transient tensors.
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_identity, _identity):
+            outputs = function(*(_leaf(a) for a in args))
+        outputs = tuple(o.detach() for o in outputs) if isinstance(outputs, tuple) else outputs.detach()
         ctx.save_for_backward(*args)
         ctx.function, ctx.recomputed = function, None
         owner.ctx = ctx
