@@ -272,7 +272,9 @@ class GraphedStep:
             raise RuntimeError(
                 f"capturing the {self.name} in a CUDA graph failed ({type(err).__name__}: {err}). Inside the "
                 "step there must be no host sync (.item(), .tolist(), bool(tensor), torch.cuda.synchronize, "
-                "data-dependent shapes), no CPU tensors, and no RNG that is not graph-safe (an error naming "
-                "CUDAGeneratorImpl); see docs/DESIGN.md 'CUDA graphs', or use parallel.cuda_graph=none"
+                "data-dependent shapes), no CPU tensors, no RNG that is not graph-safe (an error naming "
+                "CUDAGeneratorImpl), no autograd node made on the legacy default stream (an error naming the "
+                "legacy stream: build the model after use_side_stream()); see docs/DESIGN.md 'CUDA graphs', or "
+                "use parallel.cuda_graph=none"
             ) from err
         self.graph, self.outputs = graph, outputs
