@@ -24,11 +24,14 @@ collectives go through NCCL (capturable; gloo is not).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -44,6 +47,11 @@ def validate(cfg: DictConfig) -> None:
     if mode == "none":
         return
     key = f"parallel.cuda_graph={mode}"
+    log.warning(
+        "%s: the training-loop GPU test of this option crashed with an illegal memory access (H200, "
+        "2026-11-27; docs/DESIGN.md, 'Known failure'); use it only to debug that",
+        key,
+    )
     if cfg.precision.fp8 is not None:
         raise ValueError(
             f"{key} does not support precision.fp8={cfg.precision.fp8!r}: Transformer Engine captures FP8 only "
