@@ -48,8 +48,8 @@ def validate(cfg: DictConfig) -> None:
         return
     key = f"parallel.cuda_graph={mode}"
     log.warning(
-        "%s: the training-loop GPU test of this option crashed with an illegal memory access (H200, "
-        "2026-11-27; docs/DESIGN.md, 'Known failure'); use it only to debug that",
+        "%s: the training-loop GPU test of this option fails with an illegal memory access at the first graph "
+        "replay (H100/H200, te spec, 2026-11-27; docs/DESIGN.md, 'Known failure'); use it only to debug that",
         key,
     )
     if cfg.precision.fp8 is not None:
