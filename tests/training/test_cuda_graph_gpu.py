@@ -1,13 +1,11 @@
 """parallel.cuda_graph=full_iteration trains like the eager step (GPU): same per-step losses, evaluation losses and
 final weights from the same seed, with both graphs captured and replayed."""
 
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from tiny_run import compose_cfg
+from tiny_run import compose_cfg, train_losses
 
 from flux_nemo.training.checkpoint import unwrap
 from flux_nemo.training.run import prepare
@@ -26,15 +24,6 @@ def _backend() -> str:
 GPU = ["system=h100_1x8", "system.devices=1", "precision=bf16", f"model.backend={_backend()}"]
 
 
-def _losses(log_file) -> dict[int, float]:
-    out = {}
-    for line in Path(log_file).read_text().splitlines():
-        if ":::MLLOG " in line and '"tracked_stats"' in line:
-            event = json.loads(line.split(":::MLLOG ", 1)[1])
-            out[event["metadata"]["step"]] = event["value"]["train_loss"]
-    return out
-
-
 def _train(name, tiny_data, tmp_path, *extra):
     """The tiny run (6 steps, evaluations after steps 3 and 6, one synthetic warmup step): losses, evals, weights."""
     cfg = compose_cfg(
@@ -51,7 +40,7 @@ def _train(name, tiny_data, tmp_path, *extra):
         for k, v in unwrap(run.module.flux).state_dict().items()
         if torch.is_tensor(v) and not k.endswith("_extra_state")
     }
-    return run.module, _losses(cfg.mlperf.log_file), [value for _, value in result.evals], weights
+    return run.module, train_losses(cfg.mlperf.log_file), [value for _, value in result.evals], weights
 
 
 def _max_rel_diff(a: dict, b: dict) -> float:

@@ -1,27 +1,16 @@
 """The GPU path: Megatron DDP + distributed optimizer (get_megatron_optimizer), bf16, Megatron dist checkpoints."""
 
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from tiny_run import compose_cfg
+from tiny_run import compose_cfg, train_losses
 
 from flux_nemo.training.run import prepare
 
 pytestmark = pytest.mark.gpu
 
 GPU = ["system=h100_1x8", "system.devices=1", "precision=bf16", "model.backend=local"]
-
-
-def _losses(log_file) -> dict[int, float]:
-    out = {}
-    for line in Path(log_file).read_text().splitlines():
-        if ":::MLLOG " in line and '"tracked_stats"' in line:
-            event = json.loads(line.split(":::MLLOG ", 1)[1])
-            out[event["metadata"]["step"]] = event["value"]["train_loss"]
-    return out
 
 
 def test_megatron_ddp_distributed_optimizer_and_dist_checkpoint_resume(tiny_data, tmp_path):
@@ -41,7 +30,7 @@ def test_megatron_ddp_distributed_optimizer_and_dist_checkpoint_resume(tiny_data
     assert isinstance(straight.module.flux, DistributedDataParallel)
     assert isinstance(straight.trainer.strategy.optimizers[0], MegatronOptimizer)
     assert next(straight.module.flux.parameters()).dtype == torch.bfloat16
-    expected = _losses(straight.module.cfg.mlperf.log_file)
+    expected = train_losses(straight.module.cfg.mlperf.log_file)
     assert sorted(expected) == [1, 2, 3, 4, 5, 6] and all(math.isfinite(v) for v in expected.values())
 
     first = prepare(compose_cfg(*GPU, *tiny_data, *ckpt, *dirs("first", "resumed"), "train.max_steps=4"))
@@ -52,7 +41,7 @@ def test_megatron_ddp_distributed_optimizer_and_dist_checkpoint_resume(tiny_data
     )
     result = second.fit()
     assert result.steps == 6
-    resumed = _losses(second.module.cfg.mlperf.log_file)
+    resumed = train_losses(second.module.cfg.mlperf.log_file)
     assert sorted(resumed) == [5, 6]
     assert resumed == pytest.approx({k: expected[k] for k in (5, 6)}, rel=1e-3)
 
@@ -72,7 +61,7 @@ def test_precision_aware_optimizer_trains_like_the_standard_one(tiny_data, tmp_p
             )  # fmt: skip
         )
         run.fit()
-        return _losses(run.module.cfg.mlperf.log_file)
+        return train_losses(run.module.cfg.mlperf.log_file)
 
     standard = losses("standard")
     fused = losses("fused", "precision.precision_aware_optimizer=true")

@@ -1,34 +1,20 @@
 """End-to-end CPU runs of the tiny Flux through the recipe's code path (strategy, module, callbacks)."""
 
-import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
-from tiny_run import compose_cfg
+from tiny_run import compose_cfg, mlperf_events, train_losses
 
 from flux_nemo.training.run import prepare, run
-
-
-def _events(log_file) -> list[dict]:
-    lines = Path(log_file).read_text().splitlines()
-    return [json.loads(line.split(":::MLLOG ", 1)[1]) for line in lines if ":::MLLOG " in line]
-
-
-def _losses(log_file) -> dict[int, float]:
-    return {
-        e["metadata"]["step"]: e["value"]["train_loss"]
-        for e in _events(log_file)
-        if e["key"] == "tracked_stats"
-    }
 
 
 def test_run_logs_the_mlperf_contract_and_evaluates_every_interval(tiny_data, run_dirs, tmp_path):
     cfg = compose_cfg(*tiny_data, *run_dirs)
     result = run(cfg)
     assert result.steps == 6 and result.status == "aborted"  # the tiny run is far from the target
-    events = _events(cfg.mlperf.log_file)
+    events = mlperf_events(cfg.mlperf.log_file)
     keys = [e["key"] for e in events]
     assert keys.index("init_start") < keys.index("seed") < keys.index("warmup_time") < keys.index("run_start")
     values = {e["key"]: e["value"] for e in events}
@@ -38,12 +24,12 @@ def test_run_logs_the_mlperf_contract_and_evaluates_every_interval(tiny_data, ru
     assert [n for n, _ in evals] == [96, 192] and all(0 < v < 3 for _, v in evals)
     assert [s for s, _ in result.evals] == [96, 192]
     assert keys[-1] == "run_stop" and events[-1]["metadata"]["status"] == "aborted"
-    losses = _losses(cfg.mlperf.log_file)
+    losses = train_losses(cfg.mlperf.log_file)
     assert sorted(losses) == [1, 2, 3, 4, 5, 6] and all(math.isfinite(v) for v in losses.values())
     assert list(Path(result.log_dir).glob("flux_log_globalrank-0.txt"))
 
 
-def test_stop_and_resume_gives_the_same_losses(tiny_data, tmp_path):
+def test_stop_and_resume_gives_the_sametrain_losses(tiny_data, tmp_path):
     def dirs(name):
         return [f"mlperf.log_file={tmp_path}/{name}.txt", f"exp_manager.exp_dir={tmp_path}/{name}"]
 
@@ -65,9 +51,9 @@ def test_stop_and_resume_gives_the_same_losses(tiny_data, tmp_path):
     )
     result = run(second)
     assert result.steps == 6
-    expected = _losses(straight.mlperf.log_file)
-    resumed = {**_losses(first.mlperf.log_file), **_losses(second.mlperf.log_file)}
-    assert sorted(_losses(second.mlperf.log_file)) == [5, 6]
+    expected = train_losses(straight.mlperf.log_file)
+    resumed = {**train_losses(first.mlperf.log_file), **train_losses(second.mlperf.log_file)}
+    assert sorted(train_losses(second.mlperf.log_file)) == [5, 6]
     assert resumed == pytest.approx(expected, rel=1e-6, abs=1e-7)
 
 

@@ -1,5 +1,6 @@
 """Compose the tiny CPU test configuration exactly as the recipe composes conf/."""
 
+import json
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -42,3 +43,18 @@ TINY = [
 def compose_cfg(*overrides: str):
     with initialize_config_dir(CONF, version_base=None):
         return compose("flux_schnell", overrides=[*TINY, *overrides])
+
+
+def mlperf_events(log_file) -> list[dict]:
+    """The ``:::MLLOG`` events of an MLPerf result log."""
+    lines = Path(log_file).read_text().splitlines()
+    return [json.loads(line.split(":::MLLOG ", 1)[1]) for line in lines if ":::MLLOG " in line]
+
+
+def train_losses(log_file) -> dict[int, float]:
+    """step -> training loss, from the log's ``tracked_stats`` events."""
+    return {
+        e["metadata"]["step"]: e["value"]["train_loss"]
+        for e in mlperf_events(log_file)
+        if e["key"] == "tracked_stats"
+    }
