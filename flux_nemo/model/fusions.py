@@ -64,14 +64,17 @@ EAGER = ElementwiseOps(norm_modulate, gated_residual, gated_residual_norm_modula
 
 @functools.cache
 def fused_ops() -> ElementwiseOps:
-    """The ``torch.compile`` versions (compiled lazily on first call, once per input shape and dtype).
+    """The ``torch.compile`` versions (compiled lazily on first call).
 
-    ``dynamic=False``: a training run sees a handful of shapes (image, text and joint sequence; train and eval
-    batch), each specialised; ``fullgraph=True`` makes a graph break an error rather than a silent slowdown.
+    ``fullgraph=True`` makes a graph break an error rather than a silent slowdown. Shapes are left to dynamo's
+    automatic dynamic shapes: the first shape is specialised, a second one recompiles with dynamic sizes that then
+    serve every later shape (text, image and joint sequence, train and eval batch, context/sequence-parallel
+    shards). With ``dynamic=False`` each shape would be one more recompilation, and past dynamo's recompile limit
+    (8) a ``fullgraph`` function fails hard.
     """
 
     def compile_(fn):
-        return torch.compile(fn, dynamic=False, fullgraph=True)
+        return torch.compile(fn, fullgraph=True)
 
     return ElementwiseOps(*(compile_(getattr(EAGER, f.name)) for f in dataclasses.fields(EAGER)))
 

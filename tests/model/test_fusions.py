@@ -60,3 +60,15 @@ def test_fused_te_model_matches_eager_te_model(megatron_world):
     print(f"fused vs eager (te, bf16): output relative L2 {out_err:.3e}; worst gradients {worst}")
     assert out_err < 2e-2
     assert max(errors.values()) < 5e-2, worst
+
+
+@pytest.mark.slow  # two CPU compilations (static, then dynamic shapes): ~10-30 s
+def test_fused_ops_serve_many_shapes_without_hitting_the_recompile_limit():
+    ops = fused_ops()
+    with torch.no_grad():
+        for seq in range(2, 14):  # 12 sequence lengths (> dynamo's recompile limit of 8)
+            x = torch.randn(seq, 2, 16)
+            shift, scale = torch.randn(2, 1, 2, 16).unbind(0)
+            torch.testing.assert_close(
+                ops.norm_modulate(x, shift, scale, 1e-6), EAGER.norm_modulate(x, shift, scale, 1e-6)
+            )
