@@ -149,7 +149,23 @@ def measure(name, step, args, blocks: int) -> dict:
     }  # fmt: skip
     if RANK == 0:
         print(json.dumps(row), flush=True)
+    if args.profile:
+        profile(name, step, args.profile)
     return row
+
+
+def profile(name: str, step, steps: int) -> None:
+    """Top GPU kernels (and NCCL) over ``steps`` more steps, by total CUDA time, from the torch profiler."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    if RANK == 0:
+        print(f"# profile of {name}, {steps} steps (times are totals over them)")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
 
 
 def main() -> None:
@@ -174,6 +190,7 @@ def main() -> None:
     parser.add_argument(
         "--memory-cap-gib", type=float, help="cap this process's GPU memory (emulate an 80 GB card on H200)"
     )
+    parser.add_argument("--profile", type=int, default=0, help="after timing, profile this many steps")
     parser.add_argument("--json", type=Path, help="write all rows here")
     args = parser.parse_args()
 
