@@ -87,21 +87,22 @@ def test_only_rank_zero_writes(tmp_path, capsys):
     assert len(_records(tmp_path / "rank0.txt")) == 2
 
 
+HYPERPARAMETERS = dict(
+    global_batch_size=64,
+    micro_batch_size=8,
+    learning_rate=1e-4,
+    warmup_steps=0,
+    seed=3,
+    train_samples=100,
+    eval_samples=10,
+    config_filename="c.yaml",
+)
+
+
 def _configured(tmp_path, **over):
     lg = MLPerfLogger(tmp_path / "log.txt", rank=0, stdout=False)
     lg.init_start()
-    kw = dict(
-        global_batch_size=64,
-        micro_batch_size=8,
-        learning_rate=1e-4,
-        warmup_steps=0,
-        seed=3,
-        train_samples=100,
-        eval_samples=10,
-        config_filename="c.yaml",
-    )
-    kw.update(over)
-    lg.hyperparameters(**kw)
+    lg.hyperparameters(**(HYPERPARAMETERS | over))
     return lg
 
 
@@ -130,30 +131,12 @@ def test_invalid_arguments_raise_and_emit_nothing(tmp_path, over, exc, msg):
 def test_event_order_is_enforced(tmp_path):
     lg = MLPerfLogger(tmp_path / "a.txt", rank=0, stdout=False)
     with pytest.raises(RuntimeError, match="hyperparameters is not allowed in phase 'new'"):
-        lg.hyperparameters(
-            global_batch_size=8,
-            micro_batch_size=8,
-            learning_rate=0.1,
-            warmup_steps=0,
-            seed=1,
-            train_samples=1,
-            eval_samples=1,
-            config_filename="c",
-        )
+        lg.hyperparameters(**HYPERPARAMETERS)
     lg = _configured(tmp_path)
     with pytest.raises(RuntimeError, match="block_start is not allowed"):
         lg.block_start(0)
     with pytest.raises(RuntimeError, match="hyperparameters is not allowed"):
-        lg.hyperparameters(
-            global_batch_size=8,
-            micro_batch_size=8,
-            learning_rate=0.1,
-            warmup_steps=0,
-            seed=1,
-            train_samples=1,
-            eval_samples=1,
-            config_filename="c",
-        )
+        lg.hyperparameters(**HYPERPARAMETERS)
     lg.init_stop_run_start()
     with pytest.raises(RuntimeError, match="eval_accuracy outside"):
         lg.eval_accuracy(0.5, 0)
