@@ -165,7 +165,8 @@ class FluxTrainingModule(pl.LightningModule):
         """The step on a device batch: zero the grads, micro-batches, grad sync (what a CUDA graph captures)."""
         strategy = self.trainer.strategy
         micro = self.cfg.train.micro_batch_size
-        refresh_fp8_weights(self.flux)  # FP8: quantize the updated weights once, on the first micro-batch
+        if self.cfg.precision.fp8:  # quantize the updated weights once, on the first micro-batch
+            refresh_fp8_weights(self.flux)
         chunks = [
             {k: v[i : i + micro] for k, v in batch.items()} for i in range(0, len(batch["mean"]), micro)
         ]
@@ -218,6 +219,9 @@ class FluxTrainingModule(pl.LightningModule):
         """Evaluation draws from a fork of the training RNG, so evaluating never changes the training stream."""
         self._reset_eval_metrics()
         self._rng_before_eval = rng_state()
+        # FP8: the first eval batch quantizes the current weights, the others reuse that copy.
+        if self.cfg.precision.fp8:
+            refresh_fp8_weights(self.flux)
 
     def on_validation_epoch_end(self) -> None:
         set_rng_state(self._rng_before_eval)
@@ -235,8 +239,6 @@ class FluxTrainingModule(pl.LightningModule):
 
         Per-sample MSE at t = timestep / 8 (no dropout, fresh noise); padding rows never count.
         """
-        # FP8: quantize the current weights (a graph captured here then re-quantizes them at every replay).
-        refresh_fp8_weights(self.flux)
         inputs = shard_inputs(fm.eval_inputs(batch, self.dtype_compute))
         per_sample = average_over_context_parallel(fm.per_sample_mse(self.predict(inputs), inputs.target))
         valid = batch["valid"]
