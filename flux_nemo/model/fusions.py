@@ -39,9 +39,9 @@ def gated_residual(x: Tensor, gate: Tensor, y: Tensor) -> Tensor:
 def gated_residual_norm_modulate(
     x: Tensor, gate: Tensor, y: Tensor, shift: Tensor, scale: Tensor, eps: float
 ) -> tuple[Tensor, Tensor]:
-    """The residual ``x + gate * y`` and its modulated LayerNorm (the next sublayer's input), in one pass."""
-    out = x + gate * y
-    return out, (1 + scale) * F.layer_norm(out, (out.shape[-1],), eps=eps) + shift
+    """The residual ``x + gate * y`` and its modulated LayerNorm (the next sublayer's input): one fused pass."""
+    out = gated_residual(x, gate, y)
+    return out, norm_modulate(out, shift, scale, eps)
 
 
 def gated_residual_sum(x: Tensor, gate: Tensor, a: Tensor, b: Tensor) -> Tensor:
