@@ -136,8 +136,17 @@ def our_step(model, optimizer, batch, micro_batches: int = 1):
     return loss.detach()
 
 
+def gib(nbytes: int) -> float:
+    return round(nbytes / 2**30, 2)
+
+
 def measure(name, step, args, blocks: int) -> dict:
-    """Median step time; samples/s and TFLOP/s are per GPU (a micro-batch is shared by ``--tp`` GPUs)."""
+    """Median step time; samples/s and TFLOP/s are per GPU (a micro-batch is shared by ``--tp`` GPUs).
+
+    Memory (this rank): ``built_gib`` allocated before the first step (parameters, gradient buffer, fp32 master
+    shard), ``state_gib`` after the steps (plus the Adam moments), ``peak_gib`` the peak over the steps.
+    """
+    built = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     times = time_steps(step, args.steps, args.warmup)
     ms = statistics.median(times)
@@ -145,7 +154,8 @@ def measure(name, step, args, blocks: int) -> dict:
     row = {
         "name": name, "ms_per_step": round(ms, 2), "spread_ms": round(max(times) - min(times), 2),
         "samples_per_s": round(sps, 1), "model_tflops": round(sps * TFLOP_PER_BLOCK * blocks, 1),
-        "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "built_gib": gib(built), "state_gib": gib(torch.cuda.memory_allocated()),
+        "peak_mem_gib": gib(torch.cuda.max_memory_allocated()),
     }  # fmt: skip
     if RANK == 0:
         print(json.dumps(row), flush=True)
@@ -231,16 +241,20 @@ def main() -> None:
             )
         except Exception:  # report every precision, even when one recipe fails on this card
             traceback.print_exc()
+            print(f"# rank {RANK} {precision} failed with {gib(torch.cuda.memory_allocated())} GiB allocated, "
+                  f"{gib(torch.cuda.memory_reserved())} GiB reserved", flush=True)  # fmt: skip
         model = opt = batch = None
         torch.cuda.empty_cache()
 
     if RANK != 0 or not rows:
         return
     base = rows[0]["ms_per_step"]
-    print(f"\n{'step':<24}{'ms':>9}{'samples/s':>11}{'TFLOP/s':>9}{'GiB':>7}{'x peer':>8}")
+    print(
+        f"\n{'step':<24}{'ms':>9}{'samples/s':>11}{'TFLOP/s':>9}{'built':>7}{'state':>7}{'peak':>7}{'x peer':>8}"
+    )
     for r in rows:
         print(f"{r['name']:<24}{r['ms_per_step']:>9}{r['samples_per_s']:>11}{r['model_tflops']:>9}"
-              f"{r['peak_mem_gib']:>7}{base / r['ms_per_step']:>8.2f}")  # fmt: skip
+              f"{r['built_gib']:>7}{r['state_gib']:>7}{r['peak_mem_gib']:>7}{base / r['ms_per_step']:>8.2f}")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 

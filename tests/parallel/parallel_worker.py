@@ -32,6 +32,7 @@ MODES = {
     "tp": dict(tensor_model_parallel_size=2),
     "sp": dict(tensor_model_parallel_size=2, sequence_parallel=True),
     "cp_sp": dict(tensor_model_parallel_size=2, context_parallel_size=2, sequence_parallel=True),
+    "tp4_sp": dict(tensor_model_parallel_size=4, sequence_parallel=True),
 }
 
 data = torch.load(sys.argv[1])
@@ -82,13 +83,13 @@ inputs = ModelInputs(**{k: v.to(device) for k, v in data["inputs"].items()})
 local = shard_inputs(inputs)  # identity unless context parallel
 
 if config.sequence_parallel:
-    for name in ("img", "txt"):  # one token too few: the length no longer splits over the two ranks
+    for name in ("img", "txt"):  # one token too few: the length no longer splits over the ranks
         short = {name: getattr(local, name)[:, 1:], f"{name}_ids": getattr(local, f"{name}_ids")[:, 1:]}
         bad = local._replace(**short)
         try:
             model(bad.img, bad.txt, bad.y, bad.timesteps, bad.img_ids, bad.txt_ids)
         except ValueError as e:
-            assert f"{name} has " in str(e) and "tensor_model_parallel_size=2" in str(e), e
+            assert f"{name} has " in str(e) and f"tensor_model_parallel_size={tp_size}" in str(e), e
         else:
             raise AssertionError(f"an odd {name} length ran under sequence parallelism")
 

@@ -1,8 +1,9 @@
 """Several ranks reproduce the single-rank output, gradients and one AdamW step of Flux under
   * context parallelism (each rank holds half of the text and half of the image tokens),
   * tensor parallelism (each rank holds half of the heads and of the MLP width),
-  * tensor + sequence parallelism (between blocks each rank also holds half of the tokens), and
-  * context + tensor + sequence parallelism (4 ranks),
+  * tensor + sequence parallelism (between blocks each rank also holds half of the tokens),
+  * context + tensor + sequence parallelism (4 ranks), and
+  * tensor + sequence parallelism over 4 ranks (the full model's 4-GPU layout; the tiny model with 4 heads),
 on CPU (gloo + the local spec in float64, exact) and on GPU (NCCL + Transformer Engine in bf16)."""
 
 import os
@@ -20,18 +21,21 @@ from flux_nemo.model import FluxConfig, build_flux
 from flux_nemo.shims import free_port
 
 WORKER = Path(__file__).with_name("parallel_worker.py")
-WORLD_SIZE = {"cp": 2, "tp": 2, "sp": 2, "cp_sp": 4}  # the layouts are parallel_worker.MODES
+WORLD_SIZE = {"cp": 2, "tp": 2, "sp": 2, "cp_sp": 4, "tp4_sp": 4}  # the layouts are parallel_worker.MODES
+# Four tensor-parallel ranks need a multiple of 4 heads: the tiny width (256) as 4 heads of 64 (RoPE axes 16+24+24).
+MODEL_FIELDS = {"tp4_sp": dict(num_attention_heads=4, axes_dim=(16, 24, 24))}
 # torch.distributed.nn.functional.all_gather (flux_nemo.model.attention.gather_sequence, the CP key/value gather of
 # the local spec) runs its gloo backward as scatters rooted at group ranks passed as global ranks: it fails in a
 # context-parallel group that is not ranks 0..cp-1, as with tensor x context parallelism on 4 CPU ranks.
 
 
-def reference_run(backend: str, dtype: torch.dtype, device: str) -> dict:
+def reference_run(backend: str, dtype: torch.dtype, device: str, mode: str) -> dict:
     """A single-rank forward/backward of a tiny model with random non-zero weights, and one AdamW step on its
-    gradients; what the ranks must reproduce."""
+    gradients; what the ranks of ``mode`` must reproduce."""
     config_fields = dict(
         params_dtype=dtype, context_in_dim=32, vec_in_dim=16, num_double_blocks=1, num_single_blocks=1
     )
+    config_fields.update(MODEL_FIELDS.get(mode, {}))
     if device == "cuda":
         config_fields.update(bf16=True, use_cpu_initialization=False)
     config = FluxConfig.from_flavor("tiny", **config_fields)
@@ -56,6 +60,7 @@ def reference_run(backend: str, dtype: torch.dtype, device: str) -> dict:
     stepped = adamw_step(dict(model.named_parameters()), grads)
     return {
         "backend": backend,
+        "mode": mode,
         "device": device,
         "config": config_fields,
         "weights": weights,
@@ -90,25 +95,25 @@ def run_ranks(data: dict, tmp_path: Path) -> list[str]:
     return outputs
 
 
-@pytest.mark.parametrize("mode", ["cp", "tp", "sp", "cp_sp"])
+@pytest.mark.parametrize("mode", list(WORLD_SIZE))
 def test_ranks_match_one_on_cpu(megatron_world, tmp_path, mode):
-    data = reference_run("local", torch.float64, "cpu")
+    data = reference_run("local", torch.float64, "cpu", mode)
     # The AdamW step is measured against its own size: in fp64 it still sees eps (1e-8) against the gradients,
     # so a gradient off by a factor (which Adam's normalisation would otherwise hide) fails.
-    data.update(mode=mode, tol_out=1e-10, tol_grad=1e-10, tol_step=1e-10)
+    data.update(tol_out=1e-10, tol_grad=1e-10, tol_step=1e-10)
     run_ranks(data, tmp_path)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode", ["cp", "tp", "sp", "cp_sp"])
+@pytest.mark.parametrize("mode", list(WORLD_SIZE))
 def test_ranks_match_one_with_transformer_engine(megatron_world, tmp_path, mode):
     if torch.cuda.device_count() < WORLD_SIZE[mode]:
         pytest.skip(f"needs {WORLD_SIZE[mode]} GPUs")
     pytest.importorskip("transformer_engine")
-    data = reference_run("te", torch.bfloat16, "cuda")
+    data = reference_run("te", torch.bfloat16, "cuda", mode)
     # bf16: partial softmaxes (CP ring) and partial GEMM sums (TP all-reduce, SP reduce-scatter) round in another
     # order. One AdamW step is close to lr * sign(grad), so entries whose bf16 gradient is near 0 may flip: the
     # local spec in bf16 on 2 H200s gave step errors of 0.15-0.18 (gradients 1.4e-2); missing gradient reductions
     # give 0.6-1.1 (fp64 on CPU).
-    data.update(mode=mode, tol_out=3e-2, tol_grad=5e-2, tol_step=0.4)
+    data.update(tol_out=3e-2, tol_grad=5e-2, tol_step=0.4)
     run_ranks(data, tmp_path)
