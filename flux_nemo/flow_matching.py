@@ -1,8 +1,9 @@
 """The MLPerf flux1 rectified-flow objective as pure tensor functions (reference: torchtitan@9603aa83).
 
 Every function runs on the device of its inputs, draws its randomness there (``torch.rand*`` with the device's
-default generator, seeded per data-parallel rank by the trainer), never reads a value back to the host and keeps
-shapes static, so a training step built from them can be captured in a CUDA graph.
+current generator: on GPU the trainer's own stream, ``flux_nemo.training.rng``; on CPU the default generator, seeded
+per data-parallel rank by the trainer), never reads a value back to the host and keeps shapes static, so a training
+step built from them can be captured in a CUDA graph.
 
 Training sample (reference ``FluxTrainer.train_step``, preprocessed path):
     z      = mean + exp(0.5 * logvar) * eps            fresh VAE posterior sample every step

@@ -27,6 +27,7 @@ from flux_nemo.training.context_parallel import average_over_context_parallel, s
 from flux_nemo.training.data import build_loaders, load_empty, record_shapes
 from flux_nemo.training.model_builder import build_model, compute_dtype
 from flux_nemo.training.optim import set_lr, warmup_constant_lr
+from flux_nemo.training.rng import add_training_stream, training_draws
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ class FluxTrainingModule(pl.LightningModule):
         self.flux = build_model(self.cfg, self.device)
         self.empty = load_empty(self.cfg, self.flux.config, self.device)
         torch.manual_seed(seed + parallel_state.get_data_parallel_rank())
+        add_training_stream(seed, parallel_state.get_data_parallel_rank())  # GPU: the draws' own stream
         dp = parallel_state.get_data_parallel_world_size()
         self.num_micro_batches = check_batch_sizes(self.cfg, dp)
         self.local_batch_size = self.cfg.train.global_batch_size // dp
@@ -145,7 +147,8 @@ class FluxTrainingModule(pl.LightningModule):
 
     def train_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Reference training loss of one micro-batch (fresh posterior sample, CFG dropout, t ~ U[0, 1))."""
-        inputs = fm.training_inputs(batch, self.empty, self.dtype_compute, self.cfg.train.cfg_dropout)
+        with training_draws():
+            inputs = fm.training_inputs(batch, self.empty, self.dtype_compute, self.cfg.train.cfg_dropout)
         inputs = shard_inputs(inputs)  # context parallel: this rank's tokens (same draws on every CP rank)
         return fm.mse_loss(self.predict(inputs), inputs.target)
 
@@ -239,7 +242,8 @@ class FluxTrainingModule(pl.LightningModule):
 
         Per-sample MSE at t = timestep / 8 (no dropout, fresh noise); padding rows never count.
         """
-        inputs = shard_inputs(fm.eval_inputs(batch, self.dtype_compute))
+        with training_draws():
+            inputs = shard_inputs(fm.eval_inputs(batch, self.dtype_compute))
         per_sample = average_over_context_parallel(fm.per_sample_mse(self.predict(inputs), inputs.target))
         valid = batch["valid"]
         return torch.where(valid, per_sample.double(), 0.0).sum(), valid.sum()
