@@ -8,6 +8,7 @@ torch.compile (one GPU only).
     python bench/train_step.py --double 2 --single 4 --mbs 16 --precision bf16 bf16+fused fp8_delayed+fused \
         --peer eager compile
     torchrun --nproc_per_node 4 bench/train_step.py --double 19 --single 38 --mbs 4 --tp 2 --recompute block
+    python bench/train_step.py --precision bf16 --cuda-graph   # the recipe's parallel.cuda_graph=full_iteration
 
 A ``--precision`` entry is a precision (``conf/precision``) with optional ``+`` options: ``fused``
 (``model.modulation_fusion=true``), ``paopt`` (``precision.precision_aware_optimizer=true``).
@@ -108,6 +109,9 @@ def build_ours(args, precision: str):
     return model, build_megatron_optimizer([model], opt_config)
 
 
+BATCH_KEYS = ("img", "txt", "y", "t", "img_ids", "txt_ids", "target")
+
+
 def our_batch(batch: int, device):
     b = peer_batch(batch, device)
     return (
@@ -116,24 +120,46 @@ def our_batch(batch: int, device):
     )  # fmt: skip
 
 
-def our_step(model, optimizer, batch, micro_batches: int = 1):
-    """One optimizer step over ``micro_batches`` micro-batches (gradient reduction on the last one only)."""
+def forward_backward(model, batch, micro_batches: int):
+    """Zero the gradients, accumulate ``micro_batches`` micro-batches (reduction on the last one only), finalize
+    the gradients (data- and tensor-parallel reductions); returns the last micro-batch's loss."""
     from megatron.core.distributed import finalize_model_grads
 
-    from flux_nemo.training.block_runner import refresh_fp8_weights
-
     img, txt, y, t, img_ids, txt_ids, target = batch
-    refresh_fp8_weights(model)  # the training step does this too: FP8 weights are re-quantized every step
     model.zero_grad_buffer()
-    optimizer.zero_grad()
     for i in range(micro_batches):
         with model.no_sync() if i < micro_batches - 1 else contextlib.nullcontext():
             pred = model(img, txt, y, t, img_ids, txt_ids)
             loss = torch.nn.functional.mse_loss(pred.float(), target.float())
             loss.backward()
     finalize_model_grads([model])
-    optimizer.step()
     return loss.detach()
+
+
+def graphed_forward_backward(model, micro_batches: int):
+    """:func:`forward_backward` as the recipe's ``parallel.cuda_graph=full_iteration`` runs it: a
+    ``GraphedStep`` (2 eager calls, then captured once and replayed) on the current (side) stream."""
+    from flux_nemo.training import cuda_graph
+
+    graphed = cuda_graph.GraphedStep(
+        lambda static: forward_backward(model, tuple(static[k] for k in BATCH_KEYS), micro_batches),
+        name="benchmark step",
+        warmup=2,
+        stream=torch.cuda.current_stream(),
+        before_capture=lambda: cuda_graph.rearm_param_gather(model),
+    )
+    return lambda batch: graphed(dict(zip(BATCH_KEYS, batch, strict=True)))
+
+
+def our_step(model, optimizer, batch, fwd_bwd):
+    """One optimizer step: ``fwd_bwd(batch)`` (eager or graphed), then the optimizer (clip + AdamW)."""
+    from flux_nemo.training.block_runner import refresh_fp8_weights
+
+    refresh_fp8_weights(model)  # the training step does this too: FP8 weights are re-quantized every step
+    optimizer.zero_grad()
+    loss = fwd_bwd(batch)
+    optimizer.step()
+    return loss
 
 
 def gib(nbytes: int) -> float:
@@ -200,6 +226,11 @@ def main() -> None:
     parser.add_argument(
         "--memory-cap-gib", type=float, help="cap this process's GPU memory (emulate an 80 GB card on H200)"
     )
+    parser.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="capture zero-grad + forward/backward + grad sync in a CUDA graph",
+    )
     parser.add_argument("--profile", type=int, default=0, help="after timing, profile this many steps")
     parser.add_argument("--json", type=Path, help="write all rows here")
     args = parser.parse_args()
@@ -209,6 +240,13 @@ def main() -> None:
     os.environ.setdefault("NVTE_FLASH_ATTN", "0")  # TE picks cuDNN fused attention on Hopper
     torch.backends.cuda.enable_cudnn_sdp(False)  # cuDNN SDPA backward fails on the host (gpu-host README)
     initialize_megatron(tensor_model_parallel_size=args.tp)
+    if args.cuda_graph:  # as the recipe does before building the model (flux_nemo.training.cuda_graph)
+        from flux_nemo.training import cuda_graph
+
+        if any(entry.split("+")[0] != "bf16" for entry in args.precision):
+            parser.error("--cuda-graph runs bf16 only (FP8 is not captured: parallel.cuda_graph docs)")
+        cuda_graph.use_side_stream()
+        cuda_graph.use_graph_safe_rng(1234)
     world = torch.distributed.get_world_size()
     device = torch.device("cuda")
     if args.memory_cap_gib:
@@ -230,11 +268,18 @@ def main() -> None:
     for precision in args.precision:
         try:
             model, opt = build_ours(args, precision)
+            fwd_bwd = (
+                graphed_forward_backward(model, args.micro_batches)
+                if args.cuda_graph
+                else functools.partial(forward_backward, model, micro_batches=args.micro_batches)
+            )
+            if RANK == 0:
+                print(f"# {precision}: built, {gib(torch.cuda.memory_allocated())} GiB allocated", flush=True)
             batch = our_batch(args.mbs, device)
             rows.append(
                 measure(
                     f"flux-nemo {precision}",
-                    functools.partial(our_step, model, opt, batch, args.micro_batches),
+                    functools.partial(our_step, model, opt, batch, fwd_bwd),
                     args,
                     blocks,
                 )
@@ -243,7 +288,7 @@ def main() -> None:
             traceback.print_exc()
             print(f"# rank {RANK} {precision} failed with {gib(torch.cuda.memory_allocated())} GiB allocated, "
                   f"{gib(torch.cuda.memory_reserved())} GiB reserved", flush=True)  # fmt: skip
-        model = opt = batch = None
+        model = opt = batch = fwd_bwd = None
         torch.cuda.empty_cache()
 
     if RANK != 0 or not rows:
