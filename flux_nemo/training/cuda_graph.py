@@ -51,8 +51,9 @@ def validate(cfg: DictConfig) -> None:
     if _backend(cfg) == "te":
         log.warning(
             "%s with model.backend=te: losses match the eager step (1.1e-6 relative over 6 steps of the GPU test) "
-            "but the weights drift slightly from it from the third update on (H100, 2026-11-27; not explained: "
-            "docs/DESIGN.md, 'CUDA graphs')",
+            "but the weights drift slightly from it from the third update on: TE's cuDNN fused attention computes "
+            "slightly differently in capture mode (with NVTE_FUSED_ATTN=0 graphed = eager bitwise; H100, "
+            "2026-11-27; docs/DESIGN.md, 'CUDA graphs')",
             key,
         )
     if cfg.precision.fp8 is not None:
