@@ -43,6 +43,8 @@ def test_default_composition_is_the_mlperf_schnell_run():
         "precision=fp8_block",
         "precision=fp32",
         "parallel=tp2",
+        "parallel=tp4",
+        "parallel=cp2",
         "system=cpu",
         "system=h100_8x8",
         "launcher=local",
