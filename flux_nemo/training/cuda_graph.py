@@ -159,21 +159,16 @@ def use_graph_safe_rng(seed: int) -> None:
 
     With Transformer Engine installed this is Megatron's ``TECudaRNGStatesTracker`` (``te_rng_tracker=True``): TE's
     attention asserts during a capture that its tracker is TE's ``CudaRNGStatesTracker`` (which Megatron's own
-    ``use_cudagraphable_rng`` tracker is not). Without it, Megatron's ``use_cudagraphable_rng`` tracker. Same seeds,
+    ``use_cudagraphable_rng`` tracker is not). Without TE, Megatron itself falls back to its
+    ``use_cudagraphable_rng`` tracker. Same seeds,
     so the same random streams as the default tracker. Call it before the model is built: Transformer Engine's
     attention keeps the tracker it sees at construction. It also re-seeds the default CUDA generator with ``seed``
     (``model_parallel_cuda_manual_seed`` does).
     """
     from megatron.core import tensor_parallel
 
-    try:
-        import transformer_engine.pytorch  # noqa: F401
-    except ImportError:
-        te_tracker = False
-    else:
-        te_tracker = True
     tensor_parallel.model_parallel_cuda_manual_seed(
-        seed, te_rng_tracker=te_tracker, use_cudagraphable_rng=True, force_reset_rng=True
+        seed, te_rng_tracker=True, use_cudagraphable_rng=True, force_reset_rng=True
     )
 
 

@@ -243,7 +243,8 @@ class FluxTrainingModule(pl.LightningModule):
         Per-sample MSE at t = timestep / 8 (no dropout, fresh noise); padding rows never count.
         """
         with training_draws():
-            inputs = shard_inputs(fm.eval_inputs(batch, self.dtype_compute))
+            inputs = fm.eval_inputs(batch, self.dtype_compute)
+        inputs = shard_inputs(inputs)  # context parallel: this rank's tokens
         per_sample = average_over_context_parallel(fm.per_sample_mse(self.predict(inputs), inputs.target))
         valid = batch["valid"]
         return torch.where(valid, per_sample.double(), 0.0).sum(), valid.sum()

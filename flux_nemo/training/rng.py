@@ -25,24 +25,25 @@ STREAM = "flux-training-rng"
 SEED_OFFSET = 31_337
 
 
-def add_training_stream(seed: int, data_parallel_rank: int) -> None:
-    """Register :data:`STREAM` with Megatron's CUDA RNG tracker (after any tracker reset; a no-op on CPU)."""
+def _tracker():
+    """Megatron's CUDA RNG tracker on GPU; None on CPU (where draws stay on the default generator)."""
     if not torch.cuda.is_available():
-        return
+        return None
     from megatron.core import tensor_parallel
 
-    tracker = tensor_parallel.get_cuda_rng_tracker()
-    if STREAM not in tracker.get_states():
+    return tensor_parallel.get_cuda_rng_tracker()
+
+
+def add_training_stream(seed: int, data_parallel_rank: int) -> None:
+    """Register :data:`STREAM` with Megatron's CUDA RNG tracker (after any tracker reset; a no-op on CPU)."""
+    tracker = _tracker()
+    if tracker is not None and STREAM not in tracker.get_states():
         tracker.add(STREAM, seed + SEED_OFFSET + data_parallel_rank)
 
 
 def training_draws():
     """Context for the step's random draws: a fork of :data:`STREAM` where it is registered, else nothing."""
-    if not torch.cuda.is_available():
-        return contextlib.nullcontext()
-    from megatron.core import tensor_parallel
-
-    tracker = tensor_parallel.get_cuda_rng_tracker()
-    if STREAM not in tracker.get_states():
+    tracker = _tracker()
+    if tracker is None or STREAM not in tracker.get_states():
         return contextlib.nullcontext()
     return tracker.fork(STREAM)
