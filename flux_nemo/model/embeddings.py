@@ -24,7 +24,7 @@ def param_device(config: FluxConfig) -> torch.device | int | None:
 
 
 def replicated_linear(config: FluxConfig, in_features: int, out_features: int) -> nn.Linear:
-    """A linear layer that every tensor-parallel rank holds whole (embedders, modulation, final layer)."""
+    """A linear layer that every tensor-parallel rank holds whole (embedders, final layer)."""
     return nn.Linear(in_features, out_features, device=param_device(config), dtype=config.params_dtype)
 
 

@@ -8,6 +8,7 @@ import torch
 from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
+from megatron.core.transformer.utils import sharded_state_dict_default
 from torch import Tensor, nn
 
 from flux_nemo.model import sequence_parallel as sp
@@ -21,6 +22,18 @@ from flux_nemo.shims import ensure_megatron_initialized
 
 # ``block_runner(block, *args)`` runs one block; training code uses it for recompute or an FP8 context.
 BlockRunner = Callable[..., object]
+
+
+class BlockList(nn.ModuleList):
+    """The double or single blocks. Megatron's distributed checkpoint treats a module without
+    ``sharded_state_dict`` (a plain ``nn.ModuleList``) as replicated: every tensor-parallel shard inside it would be
+    saved as tensor-parallel rank 0's tensor. This list asks each block instead (keys ``{prefix}{i}.…``)."""
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        out = {}
+        for i, block in enumerate(self):
+            out.update(sharded_state_dict_default(block, f"{prefix}{i}.", sharded_offsets, metadata))
+        return out
 
 
 class Flux(MegatronModule):
@@ -50,11 +63,11 @@ class Flux(MegatronModule):
         self.time_in = MLPEmbedder(config, in_dim=256)
         self.vector_in = MLPEmbedder(config, in_dim=config.vec_in_dim)
         self.txt_in = replicated_linear(config, config.context_in_dim, h)
-        self.double_blocks = nn.ModuleList(
+        self.double_blocks = BlockList(
             build_module(submodules.double_block, config=config, layer_number=i + 1)
             for i in range(config.num_double_blocks)
         )
-        self.single_blocks = nn.ModuleList(
+        self.single_blocks = BlockList(
             build_module(
                 submodules.single_block, config=config, layer_number=config.num_double_blocks + i + 1
             )
@@ -95,18 +108,17 @@ class Flux(MegatronModule):
         vec = self.time_in(timestep_embedding(timesteps, 256)) + self.vector_in(y)  # [b, h]
         txt = self.txt_in(txt.transpose(0, 1))  # [s_txt, b, h]
         pe = self.pe_embedder(_cat_ids(txt_ids, img_ids))  # [s_txt + s_img, b|1, 1, head_dim]
-        single_pe, block_vec = pe, vec
+        single_pe = pe
         if seq_par:  # flux_nemo.model.sequence_parallel: each tensor-parallel rank keeps 1/tp of the tokens
             single_pe = sp.single_block_rope(pe, txt.shape[0])  # [txt_0, img_0, txt_1, img_1, ...] order
             img = sp.scatter_tokens(img, self.config)  # [s_img / tp, b, h]
             txt = sp.scatter_tokens(txt, self.config)  # [s_txt / tp, b, h]
-            block_vec = sp.block_conditioning(vec)  # backward: block gradients summed over tensor parallel
 
         for block in self.double_blocks:
-            img, txt = self.run_block(block, img, txt, block_vec, pe)
+            img, txt = self.run_block(block, img, txt, vec, pe)
         x = torch.cat([txt, img], dim=0)  # [s_txt + s_img, b, h] (sequence parallel: this rank's slices)
         for block in self.single_blocks:
-            x = self.run_block(block, x, block_vec, single_pe)
+            x = self.run_block(block, x, vec, single_pe)
         img = x[txt.shape[0] :]  # [s_img, b, h]
         if seq_par:
             img = sp.gather_tokens(img)  # [s_img, b, h]: the final layer runs on every token on every rank

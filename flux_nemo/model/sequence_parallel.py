@@ -10,12 +10,12 @@ every rank, as without sequence parallelism.
 * RoPE: a double block gathers text and image q/k/v separately and concatenates them, so its table stays in the
   ``[txt; img]`` order. A single block's local sequence is ``cat(txt_r, img_r)``, so the gathered order is
   ``[txt_0, img_0, txt_1, img_1, ...]``: :func:`single_block_rope` permutes the table to match.
-* Gradients: a replicated parameter inside a block (adaLN modulation, QK-norm weights, row-parallel biases) sees
-  only its rank's tokens or heads, so its gradient is summed over the tensor-parallel group by Megatron's
-  ``finalize_model_grads`` (``sequence_parallel`` attribute, set by :func:`mark_sequence_parallel_params`). The
-  conditioning vector feeds those modulations, so its gradient from the blocks is summed over the group in
-  backward (``copy_to_tensor_model_parallel_region``): ``time_in``/``vector_in`` then get full, identical gradients,
-  as do the embedders and the final layer, which see every token.
+* Gradients: a replicated parameter inside a block (QK-norm weights, row-parallel biases) sees only its rank's
+  tokens or heads, so its gradient is summed over the tensor-parallel group by Megatron's ``finalize_model_grads``
+  (``sequence_parallel`` attribute, set by :func:`mark_sequence_parallel_params`). The adaLN modulation linears are
+  tensor-parallel (``flux_nemo.model.adaln.ModulationLinear``): a block's modulation gradient is reduce-scattered
+  over the group in backward, and the conditioning vector's gradient summed, so ``time_in``/``vector_in`` get full,
+  identical gradients, as do the embedders and the final layer, which see every token.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import dataclasses
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
 from torch import Tensor, nn
 
 from flux_nemo import shims
@@ -85,8 +84,3 @@ def scatter_tokens(x: Tensor, config: FluxConfig) -> Tensor:
 def gather_tokens(x: Tensor) -> Tensor:
     """``[s / tp, b, h]`` -> ``[s, b, h]`` for layers that every rank runs whole (backward: this rank's slice)."""
     return shims.gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False)
-
-
-def block_conditioning(vec: Tensor) -> Tensor:
-    """``vec [b, h]`` for the blocks: identity forward, gradient summed over the tensor-parallel group."""
-    return copy_to_tensor_model_parallel_region(vec)

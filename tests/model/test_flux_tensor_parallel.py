@@ -55,6 +55,25 @@ assert qkv.shape == (3 * h // 2, h), qkv.shape
 bound = math.sqrt(6 / (4 * h + mlp))
 assert 0.99 * bound < qkv.abs().amax() <= bound, (qkv.abs().amax(), bound)
 
+# adaLN modulation linears are split by output rows (3.2B of Flux.1's 11.9B parameters).
+mod = model.double_blocks[0].img_mod.linear.weight
+assert mod.shape == (6 * h // 2, h) and mod.tensor_model_parallel and mod.partition_dim == 0, mod.shape
+assert model.final_layer.adaLN_modulation.linear.weight.shape == (h, h)
+# Distributed checkpoints hold every tensor-parallel weight as this rank's shard of the global tensor (inside the
+# block lists too), and replicated weights whole.
+sharded = model.sharded_state_dict()
+for key, rows in [
+    ("double_blocks.0.img_mod.linear.weight", 6 * h),
+    ("single_blocks.1.modulation.linear.bias", 3 * h),
+    ("double_blocks.1.self_attention.txt_linear_qkv.weight", 3 * h),
+    ("single_blocks.0.mlp.linear_fc1.weight", mlp),
+    ("final_layer.adaLN_modulation.linear.weight", 2 * h),
+]:
+    assert sharded[key].global_shape[0] == rows, (key, sharded[key])
+    assert sharded[key].global_offset[0] == rank * rows // 2, (key, sharded[key])
+for key in ("double_blocks.0.self_attention.img_linear_proj.bias", "txt_in.weight"):
+    assert sharded[key].local_shape == sharded[key].global_shape, (key, sharded[key])
+
 # Shard the unsharded weights the way Megatron splits them (whole heads: per-head QKV rows).
 with torch.no_grad():
     for name, p in model.named_parameters():
