@@ -13,13 +13,14 @@ from flux_nemo.training.run import prepare
 pytestmark = pytest.mark.gpu
 
 
-GPU = ["system=h100_1x8", "system.devices=1", "precision=bf16"]
+GPU = ["system=h100_1x8", "system.devices=1"]
 # Relative difference allowed between the graphed and the eager run when the eager run is deterministic. Local
 # spec: the replay is bitwise equal (1e-6 is a floor). TE spec, H100, 2026-11-27: steps 1-3 bitwise equal, then up
 # to 1.1e-6 relative from step 4 on, with or without evaluations in between, from TE's cuDNN fused attention in
 # capture mode (with NVTE_FUSED_ATTN=0 the graphed run is bitwise equal): 1e-5, still 10x below what a wrong graph
-# does to the losses.
+# does to the losses. FP8 current and block scaling (H200, 2026-11-28) pass the same loss bound.
 REL_FLOOR = {"local": 1e-6, "te": 1e-5}
+CASES = [("local", "bf16"), ("te", "bf16"), ("te", "fp8_current"), ("te", "fp8_block")]
 
 
 def _train(name, tiny_data, tmp_path, *extra):
@@ -52,8 +53,8 @@ def _max_rel_diff(a: dict, b: dict) -> float:
     return max(abs(a[k] - b[k]) / max(abs(b[k]), 1e-12) for k in b)
 
 
-@pytest.mark.parametrize("backend", ["local", "te"])
-def test_full_iteration_graphs_train_like_eager(tiny_data, tmp_path, backend):
+@pytest.mark.parametrize("backend, precision", CASES)
+def test_full_iteration_graphs_train_like_eager(tiny_data, tmp_path, backend, precision):
     """The eager run twice (its run-to-run spread), then with graphs.
 
     A replay launches the same kernels on the same data as the eager step (same RNG offsets, same addresses
@@ -65,11 +66,11 @@ def test_full_iteration_graphs_train_like_eager(tiny_data, tmp_path, backend):
     """
     if backend == "te":
         pytest.importorskip("transformer_engine")
-    spec = f"model.backend={backend}"
-    _, eager, eager_evals, eager_w = _train("eager", tiny_data, tmp_path, spec)
-    _, again, again_evals, again_w = _train("again", tiny_data, tmp_path, spec)
+    spec = (f"model.backend={backend}", f"precision={precision}")
+    _, eager, eager_evals, eager_w = _train("eager", tiny_data, tmp_path, *spec)
+    _, again, again_evals, again_w = _train("again", tiny_data, tmp_path, *spec)
     module, graphed, graphed_evals, graphed_w = _train(
-        "graphed", tiny_data, tmp_path, spec, "parallel.cuda_graph=full_iteration"
+        "graphed", tiny_data, tmp_path, *spec, "parallel.cuda_graph=full_iteration"
     )
 
     # call 1 (synthetic warmup) eager, call 2 captured and replayed, then one replay per call
@@ -100,10 +101,12 @@ def test_full_iteration_graphs_train_like_eager(tiny_data, tmp_path, backend):
     assert _max_rel_diff(graphed, eager) <= tol
     assert _max_rel_diff(dict(enumerate(graphed_evals)), dict(enumerate(eager_evals))) <= tol
     if backend == "te" and weight_excess > 1.0:
+        ref = eager_w[worst_key]
+        share = (graphed_w[worst_key] - ref).abs().max().item() / max(ref.abs().max().item(), 1e-30)
         pytest.xfail(
-            f"te spec: the graphed weights drift from the eager ones ({worst_key}: {weight_excess:.0f}x the "
-            "tolerance; H100, 2026-11-27: up to 2.7% of a tensor's largest entry after 6 steps, losses within "
-            "1.1e-6). It comes from TE's cuDNN fused attention in capture mode: with NVTE_FUSED_ATTN=0 the graphed "
-            "te run was bitwise equal"
+            f"te spec, {precision}: the graphed weights drift from the eager ones ({worst_key}: {share:.1%} of its "
+            f"largest entry, {weight_excess:.0f}x the tolerance) while the losses match within {tol:.1e}. bf16: "
+            "it comes from TE's cuDNN fused attention in capture mode (H100, 2026-11-27: with NVTE_FUSED_ATTN=0 the "
+            "graphed te run was bitwise equal); FP8 not yet separated from it"
         )
     assert weight_excess <= 1.0, f"{worst_key}: {weight_excess:.3g}x its tolerance"
