@@ -43,7 +43,8 @@ class ModulationLinear(MegatronModule):
     Like Megatron's ``ColumnParallelLinear`` with ``gather_output=True`` (NVIDIA's NeMo Flux adaLN): rank r holds
     rows ``[r * n*h / tp, (r + 1) * n*h / tp)`` and all-gathers the others, so every rank gets the whole
     ``[b, n*h]`` in the reference order. The modulation linears are 3.2B of Flux.1's 11.9B parameters; replicated,
-    they alone would take 30 GiB per GPU (bf16 weights, fp32 gradients, master and Adam moments) at any TP size.
+    their bf16 weights and fp32 gradients alone took 18 GiB per GPU at any TP size (plus 36 GiB of fp32 master
+    weights and Adam moments without data parallelism).
 
     Backward: ``vec``'s gradient is summed over the ranks (each holds a slice of the weight). The gathered output's
     gradient is reduce-scattered when ``sequence_split`` (block modulations under sequence parallelism: a rank
