@@ -16,6 +16,7 @@ callbacks).
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -24,6 +25,8 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from nemo.utils.model_utils import ckpt_to_dir
+
+log = logging.getLogger(__name__)
 
 _LIGHTNING_TENSOR_KEYS = ("state_dict", "optimizer_states")
 _CPU_FILE = "state.pt"
@@ -61,7 +64,13 @@ def set_rng_state(state: dict) -> None:
             for name, saved in state["tracker"].items():  # in place: CUDA graphs registered these generators
                 live[name].set_state(saved.get_state() if isinstance(saved, torch.Generator) else saved)
         else:
-            tracker.set_states(state["tracker"])
+            tracker.set_states({**live, **state["tracker"]})
+        missing = sorted(set(live) - set(state["tracker"]))
+        if missing:  # e.g. a checkpoint from before the training draws had their own stream (training/rng.py)
+            log.warning(
+                "RNG state without tracker states %s: they continue from their current state, not the saved run's",
+                missing,
+            )
 
 
 def _rank_state(module) -> dict:

@@ -41,3 +41,20 @@ def test_training_draws_do_not_depend_on_the_default_generator(megatron_world):
 
     _reseed(7, 0)  # and the default generator is not the stream
     assert not torch.equal(torch.randn(1000, device="cuda"), plain[0])
+
+
+def test_a_saved_state_without_the_stream_keeps_it(megatron_world, caplog):
+    """A checkpoint from before the training draws had their own stream restores the other states; the stream
+    stays registered (the draws would otherwise fall back to the default generator) and a warning names it."""
+    from flux_nemo.training.checkpoint import rng_state, set_rng_state
+
+    _reseed(7, 0)
+    old = rng_state()
+    del old["tracker"][STREAM]
+    expected = _draws(consume_default=False)  # the stream's next draws, from where it is now
+    _reseed(7, 0)
+    set_rng_state(old)
+    assert "flux-training-rng" in caplog.text
+    assert STREAM in tensor_parallel.get_cuda_rng_tracker().get_states()
+    for a, b in zip(_draws(consume_default=False), expected, strict=True):
+        assert torch.equal(a, b)
