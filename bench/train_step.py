@@ -72,8 +72,9 @@ def time_steps(step, steps: int, warmup: int) -> list[float]:
     return times
 
 
-def compose_config(args, entry: str):
-    """The recipe's own Hydra config (conf/), with this benchmark's depth, precision and parallel layout."""
+def compose_config(args, entry: str, *extra: str):
+    """The recipe's own Hydra config (conf/), with this benchmark's depth, precision and parallel layout (and
+    ``extra`` overrides)."""
     from hydra import compose, initialize_config_dir
 
     import flux_nemo.training.config  # noqa: F401  (registers the typed schema)
@@ -88,7 +89,7 @@ def compose_config(args, entry: str):
     ]  # fmt: skip
     if args.bucket_size:
         overrides.append(f"parallel.bucket_size={args.bucket_size}")
-    overrides += [o for option in options for o in OPTIONS[option]]
+    overrides += [o for option in options for o in OPTIONS[option]] + list(extra)
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         return compose("flux_schnell", overrides=overrides)
 
@@ -253,10 +254,11 @@ def main() -> None:
     if args.cuda_graph:  # as the recipe does before building the model (flux_nemo.training.cuda_graph)
         from flux_nemo.training import cuda_graph
 
-        if any(entry.split("+")[0] == "fp8_delayed" for entry in args.precision):
-            parser.error(
-                "--cuda-graph does not run fp8_delayed (parallel.cuda_graph docs: cuda_graph.validate)"
-            )
+        for entry in args.precision:  # the recipe's own check of what graphs support (fp8_delayed is refused)
+            try:
+                cuda_graph.validate(compose_config(args, entry, "parallel.cuda_graph=full_iteration"))
+            except ValueError as err:
+                parser.error(f"--cuda-graph with --precision {entry}: {err}")
         cuda_graph.use_side_stream()
         cuda_graph.use_graph_safe_rng(1234)
     world = torch.distributed.get_world_size()

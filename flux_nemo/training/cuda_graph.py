@@ -164,10 +164,9 @@ def use_graph_safe_rng(seed: int) -> None:
     With Transformer Engine installed this is Megatron's ``TECudaRNGStatesTracker`` (``te_rng_tracker=True``): TE's
     attention asserts during a capture that its tracker is TE's ``CudaRNGStatesTracker`` (which Megatron's own
     ``use_cudagraphable_rng`` tracker is not). Without TE, Megatron itself falls back to its
-    ``use_cudagraphable_rng`` tracker. Same seeds,
-    so the same random streams as the default tracker. Call it before the model is built: Transformer Engine's
-    attention keeps the tracker it sees at construction. It also re-seeds the default CUDA generator with ``seed``
-    (``model_parallel_cuda_manual_seed`` does).
+    ``use_cudagraphable_rng`` tracker. Same seeds, so the same random streams as the default tracker. Call it
+    before the model is built: Transformer Engine's attention keeps the tracker it sees at construction. It also
+    re-seeds the default CUDA generator with ``seed`` (``model_parallel_cuda_manual_seed`` does).
     """
     from megatron.core import tensor_parallel
 
