@@ -5,6 +5,9 @@ number of steps with the target disabled, once per (precision, seed), and prints
 ``--every`` steps and the validation loss at each 262,144-sample evaluation, read back from the MLPerf logs.
 
     python bench/convergence.py --runs bf16:1 bf16:2 fp8_delayed:1 fp8_current:1 --steps 768 --gpus 4
+    python bench/convergence.py --runs fp8_current:1 fp8_current+graph:1 --steps 512 --gpus 2
+
+A run is ``precision[+graph]:seed``; ``+graph`` trains with ``parallel.cuda_graph=full_iteration``.
 
 All runs use the same layer implementation (``--backend``, Transformer Engine by default since FP8 needs it), so
 the curves differ only by precision and seed. With ``--gpus N`` up to N runs go at once, one GPU each; every run
@@ -51,16 +54,19 @@ def main() -> None:
     gpus = visible.split(",") if visible else [str(i) for i in range(args.gpus)]
     runs = {}
     for i, run in enumerate(args.runs):
-        precision, seed = run.split(":")
-        work = args.out / f"{precision}_{seed}"
-        log = args.out / f"{precision}_{seed}.txt"
+        variant, seed = run.split(":")
+        precision, *options = variant.split("+")
+        if any(o != "graph" for o in options):
+            parser.error(f"--runs {run}: expected precision[+graph]:seed")
+        work = args.out / f"{variant}_{seed}"
+        log = args.out / f"{variant}_{seed}.txt"
         log.unlink(missing_ok=True)
         overrides = [
             f"precision={precision}", f"train.seed={seed}", f"train.max_steps={args.steps}",
             "mlperf.target=0.0", f"mlperf.log_file={log}", f"model.backend={args.backend}",
             f"data.train_path={work}/data/train", f"data.eval_path={work}/data/eval",
             f"data.empty_encodings_path={work}/data/empty_encodings", f"exp_manager.exp_dir={work}/nemo",
-        ]  # fmt: skip
+        ] + (["parallel.cuda_graph=full_iteration"] if options else [])  # fmt: skip
         env = os.environ | {"MASTER_PORT": str(29500 + i)}  # concurrent runs: one rendezvous port each
         if args.gpus:  # the i-th run takes the (i mod N)-th of the visible GPUs
             env["CUDA_VISIBLE_DEVICES"] = gpus[i % args.gpus]

@@ -53,13 +53,15 @@ def peer_batch(batch: int, device: torch.device, img_tokens: int = 256, txt_toke
     }
 
 
-def peer_step(fwd, optimizer, batch: dict) -> torch.Tensor:
-    """zero_grad, forward, fp32 MSE, backward, clip 1.0, AdamW step (the reference's step order)."""
+def peer_step(fwd, optimizer, batch: dict, micro_batches: int = 1) -> torch.Tensor:
+    """zero_grad, ``micro_batches`` x (forward, fp32 MSE over ``micro_batches``, backward: the gradients add up),
+    clip 1.0, AdamW step (the reference's step order); returns the last micro-batch's loss."""
     optimizer.zero_grad(set_to_none=True)
     inputs = {k: v for k, v in batch.items() if k != "target"}
-    pred = fwd(**inputs, return_dict=False)[0]
-    loss = torch.nn.functional.mse_loss(pred.float(), batch["target"].float())
-    loss.backward()
+    for _ in range(micro_batches):
+        pred = fwd(**inputs, return_dict=False)[0]
+        loss = torch.nn.functional.mse_loss(pred.float(), batch["target"].float()) / micro_batches
+        loss.backward()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     optimizer.step()
