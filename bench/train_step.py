@@ -13,7 +13,8 @@ the step shrinks for both.
     python bench/train_step.py --precision bf16 --cuda-graph   # the recipe's parallel.cuda_graph=full_iteration
 
 A ``--precision`` entry is a precision (``conf/precision``) with optional ``+`` options: ``fused``
-(``model.modulation_fusion=true``), ``paopt`` (``precision.precision_aware_optimizer=true``).
+(``model.modulation_fusion=true``), ``paopt`` (``precision.precision_aware_optimizer=true``), ``qkrope``
+(``model.qk_norm_rope_fusion=true``).
 
 Prints ms/step (median), samples/s, model TFLOP/s per GPU (0.3574 TFLOP per block per sample at 256 + 256
 tokens, MLPerf accounting) and peak memory, then a table with the ratio to the first peer row.
@@ -45,6 +46,7 @@ PRECISIONS = ("bf16", "fp8_delayed", "fp8_current", "fp8_block")  # conf/precisi
 OPTIONS = {  # "+option" suffixes of a --precision entry
     "fused": ["model.modulation_fusion=true"],
     "paopt": ["precision.precision_aware_optimizer=true"],
+    "qkrope": ["model.qk_norm_rope_fusion=true"],
 }
 
 
@@ -227,7 +229,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument(
-        "--precision", nargs="+", default=["bf16"], type=variant, help="precision[+fused][+paopt]"
+        "--precision", nargs="+", default=["bf16"], type=variant, help="precision[+fused][+paopt][+qkrope]"
     )
     parser.add_argument("--peer", nargs="*", default=["eager"], choices=["eager", "compile"])
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (run under torchrun)")

@@ -21,7 +21,10 @@ from torch import Tensor
 
 from flux_nemo.model import recompute
 from flux_nemo.model.config import FluxConfig
-from flux_nemo.model.embeddings import param_device
+from flux_nemo.model.embeddings import param_device, rope_cos_sin
+from flux_nemo.model.fusions import fused_qk_norm_rope
+
+QK_NORM_EPS = torch.finfo(torch.float32).eps  # torch.nn.RMSNorm's default (eps=None) as the reference runs it
 
 
 def linear_out(linear: torch.nn.Module, x: Tensor) -> Tensor:
@@ -115,6 +118,8 @@ class _FluxAttention(MegatronModule):
 
     With ``recompute_granularity="selective"`` and ``"core_attn"`` in ``recompute_modules`` the core attention is
     recomputed in the backward pass while training (``flux_nemo.model.recompute``), as in Megatron's attention.
+    With ``qk_norm_rope_fusion`` each stream's q and k get their norm and RoPE in one fused op (the norm modules
+    keep the weights); otherwise the norm modules run, and RoPE runs on the joint q and k.
     """
 
     def __init__(self, config: FluxConfig, submodules: FluxAttentionSubmodules, layer_number: int):
@@ -129,6 +134,7 @@ class _FluxAttention(MegatronModule):
             attention_type="self",
         )
         self.apply_rope = submodules.apply_rope
+        self.fused_norm_rope = fused_qk_norm_rope() if config.qk_norm_rope_fusion else None
         self.recompute_core_attn = recompute.selected(config, "core_attn")
 
     def _build_qkv(self, submodules: FluxAttentionSubmodules):
@@ -145,9 +151,8 @@ class _FluxAttention(MegatronModule):
             is_expert=False,
             tp_comm_buffer_name="qkv",
         )
-        eps = torch.finfo(torch.float32).eps  # torch.nn.RMSNorm's default (eps=None) as the reference runs it
-        q_norm = build_module(submodules.q_layernorm, config=config, hidden_size=head_dim, eps=eps)
-        k_norm = build_module(submodules.k_layernorm, config=config, hidden_size=head_dim, eps=eps)
+        q_norm = build_module(submodules.q_layernorm, config=config, hidden_size=head_dim, eps=QK_NORM_EPS)
+        k_norm = build_module(submodules.k_layernorm, config=config, hidden_size=head_dim, eps=QK_NORM_EPS)
         return linear, q_norm, k_norm
 
     def _build_proj(self, submodules: FluxAttentionSubmodules, bias: bool):
@@ -164,17 +169,27 @@ class _FluxAttention(MegatronModule):
             tp_comm_buffer_name="proj",
         )
 
-    def _project_qkv(self, x: Tensor, linear, q_norm, k_norm) -> tuple[Tensor, Tensor, Tensor]:
-        """``[s, b, h]`` -> normalised q, k and v, each ``[s, b, np, hn]`` (``np`` heads on this rank)."""
+    def _project_qkv(
+        self, x: Tensor, linear, q_norm, k_norm, angles: Callable[[int], Tensor]
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``[s, b, h]`` -> normalised q, k and v, each ``[s, b, np, hn]`` (``np`` heads on this rank, ``s`` tokens
+        after the projection: all of them under sequence parallelism); with ``qk_norm_rope_fusion`` q and k are
+        also rotated, by ``angles(s)``."""
         mixed = linear_out(linear, x)  # [s, b, 3 * h / tp]
         mixed = mixed.view(*mixed.shape[:2], self.heads_per_rank, 3 * self.config.kv_channels)
         q, k, v = mixed.chunk(3, dim=-1)  # Megatron per-head layout [q_h, k_h, v_h]
+        if self.fused_norm_rope is not None:
+            cos, sin = rope_cos_sin(angles(q.shape[0]), q.dtype)  # [s, b|1, 1, hn]: small, computed unfused
+            q, k = self.fused_norm_rope(q, k, q_norm.weight, k_norm.weight, cos, sin, QK_NORM_EPS)
+            return q, k, v
         # The reference casts the normalised q and k to v's dtype.
         return q_norm(q).to(v.dtype), k_norm(k).to(v.dtype), v
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, pe: Tensor) -> Tensor:
-        """RoPE on q and k, then unmasked attention: ``[s, b, np, hn]`` -> ``[s, b, np * hn]``."""
-        q, k = self.apply_rope(q, pe), self.apply_rope(k, pe)
+        """RoPE on q and k (unless fused with the norms), then unmasked attention: ``[s, b, np, hn]`` ->
+        ``[s, b, np * hn]``."""
+        if self.fused_norm_rope is None:
+            q, k = self.apply_rope(q, pe), self.apply_rope(k, pe)
         if recompute.active(self, self.recompute_core_attn):
             return recompute.checkpoint(self._core_attention, q, k, v)
         return self._core_attention(q, k, v)
@@ -195,8 +210,14 @@ class JointSelfAttention(_FluxAttention):
 
     def forward(self, img: Tensor, txt: Tensor, pe: Tensor) -> tuple[Tensor, Tensor]:
         """Modulated ``img [s_img, b, h]``, ``txt [s_txt, b, h]``, RoPE angles ``pe`` -> (img, txt) outputs."""
-        img_qkv = self._project_qkv(img, self.img_linear_qkv, self.img_q_layernorm, self.img_k_layernorm)
-        txt_qkv = self._project_qkv(txt, self.txt_linear_qkv, self.txt_q_layernorm, self.txt_k_layernorm)
+        # pe: the angles of the joint sequence, text first, so each stream's are one end of it.
+        img_angles, txt_angles = (lambda n: pe[pe.shape[0] - n :]), (lambda n: pe[:n])
+        img_qkv = self._project_qkv(
+            img, self.img_linear_qkv, self.img_q_layernorm, self.img_k_layernorm, img_angles
+        )
+        txt_qkv = self._project_qkv(
+            txt, self.txt_linear_qkv, self.txt_q_layernorm, self.txt_k_layernorm, txt_angles
+        )
         q, k, v = (torch.cat([t, i], dim=0) for t, i in zip(txt_qkv, img_qkv, strict=True))  # [s, b, np, hn]
         attn = self._attend(q, k, v, pe)  # [s, b, h / tp]
         # Split at the projected lengths: under sequence parallelism img/txt are shards and q/k/v the gathered whole.
@@ -217,5 +238,5 @@ class SelfAttention(_FluxAttention):
 
     def forward(self, x: Tensor, pe: Tensor) -> Tensor:
         """Modulated ``x [s, b, h]`` -> attention output ``[s, b, h]`` (no bias)."""
-        q, k, v = self._project_qkv(x, self.linear_qkv, self.q_layernorm, self.k_layernorm)
+        q, k, v = self._project_qkv(x, self.linear_qkv, self.q_layernorm, self.k_layernorm, lambda n: pe)
         return linear_out(self.linear_proj, self._attend(q, k, v, pe))

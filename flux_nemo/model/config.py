@@ -69,6 +69,11 @@ class FluxConfig(TransformerConfig):
     """Run the blocks' LayerNorm + adaLN modulate and gated residual adds as fused ``torch.compile`` kernels
     (``flux_nemo.model.fusions``) instead of one eager kernel per op. Same math; a performance switch."""
 
+    qk_norm_rope_fusion: bool = False
+    """Run each attention's QK RMSNorm + RoPE (q and k of one stream) as one ``torch.compile`` kernel per
+    direction (``flux_nemo.model.fusions.qk_norm_rope``) instead of the spec's norm modules and RoPE function.
+    Same math and roundings, same parameters; a performance switch."""
+
     ##################
     # Megatron fields with Flux defaults
     ##################

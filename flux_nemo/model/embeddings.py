@@ -69,9 +69,19 @@ def apply_interleaved_rope(t: Tensor, freqs: Tensor) -> Tensor:
     Like BFL: cos and sin are taken at the precision of ``freqs`` (float64 from :class:`EmbedND`), the rotation
     is computed in fp32 (fp64 for fp64 inputs) and cast back.
     """
-    compute = torch.promote_types(t.dtype, torch.float32)
-    x = t.to(compute)
-    cos, sin = freqs.cos().to(compute), freqs.sin().to(compute)
+    return rotate_interleaved(t, *rope_cos_sin(freqs, t.dtype))
+
+
+def rope_cos_sin(freqs: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos and sin of the angles ``freqs`` (taken at their precision) in the compute dtype of a ``dtype`` tensor's
+    rotation: fp32, or fp64 for fp64 tensors."""
+    compute = torch.promote_types(dtype, torch.float32)
+    return freqs.cos().to(compute), freqs.sin().to(compute)
+
+
+def rotate_interleaved(t: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """The rotation of :func:`apply_interleaved_rope` given :func:`rope_cos_sin`: in their dtype, cast back."""
+    x = t.to(cos.dtype)
     x_even, x_odd = x[..., 0::2], x[..., 1::2]
     rotated = torch.stack((-x_odd, x_even), dim=-1).flatten(-2)  # pairs (x0, x1) -> (-x1, x0)
     return (x * cos + rotated * sin).to(t.dtype)

@@ -34,6 +34,7 @@ class ModelConfig:
     theta: int | None = None
     qkv_bias: bool | None = None
     modulation_fusion: bool | None = None  # fused LayerNorm+modulate / gated residuals (torch.compile)
+    qk_norm_rope_fusion: bool | None = None  # fused QK RMSNorm + RoPE (torch.compile)
 
 
 @dataclass

@@ -33,6 +33,7 @@ MODES = {
     "sp": dict(tensor_model_parallel_size=2, sequence_parallel=True),
     "cp_sp": dict(tensor_model_parallel_size=2, context_parallel_size=2, sequence_parallel=True),
     "tp4_sp": dict(tensor_model_parallel_size=4, sequence_parallel=True),
+    "cp_sp_qk_fused": dict(tensor_model_parallel_size=2, context_parallel_size=2, sequence_parallel=True),
 }
 
 

@@ -4,6 +4,7 @@
   * tensor + sequence parallelism (between blocks each rank also holds half of the tokens),
   * context + tensor + sequence parallelism (4 ranks), and
   * tensor + sequence parallelism over 4 ranks (the full model's 4-GPU layout; the tiny model with 4 heads),
+  * context + tensor + sequence parallelism with the fused QK norm + RoPE (``qk_norm_rope_fusion``),
 on CPU (gloo + the local spec in float64, exact) and on GPU (NCCL + Transformer Engine in bf16)."""
 
 import os
@@ -21,9 +22,20 @@ from flux_nemo.model import FluxConfig, build_flux
 from flux_nemo.shims import free_port
 
 WORKER = Path(__file__).with_name("parallel_worker.py")
-WORLD_SIZE = {"cp": 2, "tp": 2, "sp": 2, "cp_sp": 4, "tp4_sp": 4}  # the layouts are parallel_worker.MODES
+WORLD_SIZE = {
+    "cp": 2,
+    "tp": 2,
+    "sp": 2,
+    "cp_sp": 4,
+    "tp4_sp": 4,
+    "cp_sp_qk_fused": 4,
+}  # parallel_worker.MODES
 # Four tensor-parallel ranks need a multiple of 4 heads: the tiny width (256) as 4 heads of 64 (RoPE axes 16+24+24).
-MODEL_FIELDS = {"tp4_sp": dict(num_attention_heads=4, axes_dim=(16, 24, 24))}
+# cp_sp_qk_fused: the fused QK norm + RoPE takes each stream's angles from this rank's slice of the joint sequence.
+MODEL_FIELDS = {
+    "tp4_sp": dict(num_attention_heads=4, axes_dim=(16, 24, 24)),
+    "cp_sp_qk_fused": dict(qk_norm_rope_fusion=True),
+}
 # torch.distributed.nn.functional.all_gather (flux_nemo.model.attention.gather_sequence, the CP key/value gather of
 # the local spec) runs its gloo backward as scatters rooted at group ranks passed as global ranks: it fails in a
 # context-parallel group that is not ranks 0..cp-1, as with tensor x context parallelism on 4 CPU ranks.
