@@ -2,6 +2,7 @@
 final weights from the same seed, with both graphs captured and replayed."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -20,7 +21,20 @@ GPU = ["system=h100_1x8", "system.devices=1"]
 # capture mode (with NVTE_FUSED_ATTN=0 the graphed run is bitwise equal): 1e-5, still 10x below what a wrong graph
 # does to the losses. FP8 current and block scaling (H200, 2026-11-28) pass the same loss bound.
 REL_FLOOR = {"local": 1e-6, "te": 1e-5}
-CASES = [("local", "bf16"), ("te", "bf16"), ("te", "fp8_current"), ("te", "fp8_block")]
+# TE's cuDNN fused attention (the default) makes the te weights drift under capture: see the xfail below. Run this
+# file again with NVTE_FUSED_ATTN=0 and the te cases must match eager without that allowance.
+FUSED_ATTENTION = os.environ.get("NVTE_FUSED_ATTN", "1") != "0"
+FUSED = (
+    "model.modulation_fusion=true",
+    "model.qk_norm_rope_fusion=true",
+)  # torch.compile'd kernels in the graph
+CASES = [
+    ("local", "bf16", ()),
+    ("local", "bf16", FUSED),
+    ("te", "bf16", ()),
+    ("te", "fp8_current", ()),
+    ("te", "fp8_block", ()),
+]
 
 
 def _train(name, tiny_data, tmp_path, *extra):
@@ -53,8 +67,8 @@ def _max_rel_diff(a: dict, b: dict) -> float:
     return max(abs(a[k] - b[k]) / max(abs(b[k]), 1e-12) for k in b)
 
 
-@pytest.mark.parametrize("backend, precision", CASES)
-def test_full_iteration_graphs_train_like_eager(tiny_data, tmp_path, backend, precision):
+@pytest.mark.parametrize("backend, precision, fusions", CASES)
+def test_full_iteration_graphs_train_like_eager(tiny_data, tmp_path, backend, precision, fusions):
     """The eager run twice (its run-to-run spread), then with graphs.
 
     A replay launches the same kernels on the same data as the eager step (same RNG offsets, same addresses
@@ -66,7 +80,7 @@ def test_full_iteration_graphs_train_like_eager(tiny_data, tmp_path, backend, pr
     """
     if backend == "te":
         pytest.importorskip("transformer_engine")
-    spec = (f"model.backend={backend}", f"precision={precision}")
+    spec = (f"model.backend={backend}", f"precision={precision}", *fusions)
     _, eager, eager_evals, eager_w = _train("eager", tiny_data, tmp_path, *spec)
     _, again, again_evals, again_w = _train("again", tiny_data, tmp_path, *spec)
     module, graphed, graphed_evals, graphed_w = _train(
@@ -100,13 +114,13 @@ def test_full_iteration_graphs_train_like_eager(tiny_data, tmp_path, backend, pr
           f"{weight_excess:.3f} ({worst_key})")  # fmt: skip
     assert _max_rel_diff(graphed, eager) <= tol
     assert _max_rel_diff(dict(enumerate(graphed_evals)), dict(enumerate(eager_evals))) <= tol
-    if backend == "te" and weight_excess > 1.0:
+    if backend == "te" and FUSED_ATTENTION and weight_excess > 1.0:
         ref = eager_w[worst_key]
         share = (graphed_w[worst_key] - ref).abs().max().item() / max(ref.abs().max().item(), 1e-30)
         pytest.xfail(
             f"te spec, {precision}: the graphed weights drift from the eager ones ({worst_key}: {share:.1%} of its "
             f"largest entry, {weight_excess:.0f}x the tolerance) while the losses match within {tol:.1e}. bf16: "
-            "it comes from TE's cuDNN fused attention in capture mode (H100, 2026-11-27: with NVTE_FUSED_ATTN=0 the "
-            "graphed te run was bitwise equal); FP8 not yet separated from it"
+            "it comes from TE's cuDNN fused attention in capture mode: with NVTE_FUSED_ATTN=0 the graphed te runs "
+            "match eager exactly (bf16: H100, 2026-11-27; fp8_current and fp8_block: H200, 2026-11-28)"
         )
     assert weight_excess <= 1.0, f"{worst_key}: {weight_excess:.3g}x its tolerance"
