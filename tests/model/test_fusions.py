@@ -35,13 +35,21 @@ def test_ops_are_selected_by_the_flag(megatron_world):
     assert all(block.ops is fused_ops() for block in [*model.double_blocks, *model.single_blocks])
 
 
-@pytest.mark.slow  # inductor compiles 4 C++ kernels (forward + backward) on CPU: ~20-45 s
-def test_fused_model_matches_eager_on_cpu(megatron_world):
+FUSIONS = [
+    {"modulation_fusion": True},
+    {"qk_norm_rope_fusion": True},
+    {"modulation_fusion": True, "qk_norm_rope_fusion": True},
+]
+
+
+@pytest.mark.slow  # inductor compiles the fused kernels (forward + backward) on CPU: ~20-45 s
+@pytest.mark.parametrize("fusion", FUSIONS[:2], ids=lambda f: "+".join(f))
+def test_fused_model_matches_eager_on_cpu(megatron_world, fusion):
+    """Whole model, fp32. For the QK norm + RoPE this also checks that each stream gets its own angles (text
+    first in the joint sequence)."""
     fields = dict(context_in_dim=32, vec_in_dim=16, num_double_blocks=2, num_single_blocks=2)
     eager = forward_backward(FluxConfig.from_flavor("tiny", **fields), "local", "cpu", 4, 4, 8)
-    fused = forward_backward(
-        FluxConfig.from_flavor("tiny", modulation_fusion=True, **fields), "local", "cpu", 4, 4, 8
-    )
+    fused = forward_backward(FluxConfig.from_flavor("tiny", **fusion, **fields), "local", "cpu", 4, 4, 8)
     # fp32, one rounding per fused kernel instead of one per op: agreement to fp32 accuracy.
     assert rel_l2(fused[0], eager[0]) < 1e-5
     errors = {n: rel_l2(fused[1][n], g) for n, g in eager[1].items()}
@@ -72,26 +80,6 @@ def test_qk_norm_rope_fusion_selects_the_fused_op(megatron_world):
     assert all(a.fused_norm_rope is fused_qk_norm_rope() for a in attentions)
     plain = build_flux(FluxConfig.from_flavor("tiny"), backend="local")
     assert all(b.self_attention.fused_norm_rope is None for b in plain.double_blocks)
-
-
-@pytest.mark.slow  # inductor compiles the QK norm + RoPE kernels (forward + backward) on CPU
-def test_qk_norm_rope_fused_model_matches_the_module_path_on_cpu(megatron_world):
-    """Whole model, fp32: the fused path applies each stream's angles (text first in the joint sequence)."""
-    fields = dict(context_in_dim=32, vec_in_dim=16, num_double_blocks=2, num_single_blocks=2)
-    eager = forward_backward(FluxConfig.from_flavor("tiny", **fields), "local", "cpu", 4, 4, 8)
-    fused = forward_backward(
-        FluxConfig.from_flavor("tiny", qk_norm_rope_fusion=True, **fields), "local", "cpu", 4, 4, 8
-    )
-    assert rel_l2(fused[0], eager[0]) < 1e-5
-    errors = {n: rel_l2(fused[1][n], g) for n, g in eager[1].items()}
-    assert max(errors.values()) < 1e-4, sorted(errors.items(), key=lambda kv: -kv[1])[:3]
-
-
-FUSIONS = [
-    {"modulation_fusion": True},
-    {"qk_norm_rope_fusion": True},
-    {"modulation_fusion": True, "qk_norm_rope_fusion": True},
-]
 
 
 @pytest.mark.gpu
