@@ -91,6 +91,12 @@ def build_trainer(cfg: DictConfig, callbacks: list) -> pl.Trainer:
     accelerator = cfg.trainer.accelerator
     if accelerator == "auto":
         accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    if accelerator == "cpu" and cfg.trainer.devices * cfg.trainer.num_nodes > 1:
+        raise ValueError(
+            f"trainer.devices={cfg.trainer.devices} x trainer.num_nodes={cfg.trainer.num_nodes} on CPU: the CPU path "
+            "trains in one process (it has no gradient reduction, so more processes would train separate replicas); "
+            "set system.devices=1 and system.num_nodes=1, or use a GPU system"
+        )
     backend = "nccl" if accelerator == "gpu" else "gloo"
     return pl.Trainer(
         accelerator=accelerator,

@@ -89,6 +89,10 @@ class MegatronStrategy(DDPStrategy):
             MASTER_ADDR=env.main_address,
             MASTER_PORT=str(env.main_port),
         )
+        if not self.megatron and self.world_size > 1:  # e.g. torchrun with a CPU system: see build_trainer
+            raise RuntimeError(
+                f"{self.world_size} CPU processes: the CPU path trains in one process (no gradient reduction)"
+            )
         backend = self._get_process_group_backend()
         shims.init_process_group(backend)
         self.seed = broadcast_seed(self.cfg.train.seed)

@@ -114,3 +114,11 @@ def test_sigterm_saves_a_checkpoint_and_stops(tiny_data, run_dirs):
 def test_precision_aware_optimizer_is_refused_on_the_cpu_path(tiny_data, run_dirs):
     with pytest.raises(ValueError, match=r"precision\.precision_aware_optimizer=true needs the GPU path"):
         prepare(compose_cfg(*tiny_data, *run_dirs, "precision.precision_aware_optimizer=true")).fit()
+
+
+@pytest.mark.parametrize("topology", [("system.devices=2",), ("system.num_nodes=2",)])
+def test_more_than_one_cpu_process_is_refused(tiny_data, run_dirs, topology):
+    """The CPU path has no gradient reduction: two CPU processes would silently train two replicas."""
+    cfg = compose_cfg(*tiny_data, *run_dirs, "system=cpu", *topology)
+    with pytest.raises(ValueError, match=r"trainer\.devices=\d x trainer\.num_nodes=\d on CPU"):
+        prepare(cfg)
