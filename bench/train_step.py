@@ -251,6 +251,8 @@ def main() -> None:
     parser.add_argument("--profile", type=int, default=0, help="after timing, profile this many steps")
     parser.add_argument("--json", type=Path, help="write all rows here")
     args = parser.parse_args()
+    if args.cuda_graph and args.warmup < 3:  # else the capture itself lands among the timed steps
+        parser.error("--cuda-graph needs --warmup >= 3 (2 eager calls, then the capture on the third)")
 
     from flux_nemo.shims import initialize_megatron
 
