@@ -22,7 +22,7 @@ from torch import Tensor
 from flux_nemo.model import recompute
 from flux_nemo.model.config import FluxConfig
 from flux_nemo.model.embeddings import param_device, rope_cos_sin
-from flux_nemo.model.fusions import fused_qk_norm_rope
+from flux_nemo.model.fusions import fused_qk_norm_rope, rms_norm
 
 QK_NORM_EPS = torch.finfo(torch.float32).eps  # torch.nn.RMSNorm's default (eps=None) as the reference runs it
 
@@ -96,9 +96,7 @@ class RMSNorm(torch.nn.RMSNorm):
         super().__init__(hidden_size, eps=eps, device=param_device(config), dtype=config.params_dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        compute = torch.promote_types(x.dtype, torch.float32)
-        weight = self.weight.to(compute)
-        return F.rms_norm(x.to(compute), self.normalized_shape, weight, self.eps).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 @dataclass

@@ -65,10 +65,16 @@ def qk_norm_rope(
     return _norm_rope(q, q_weight, cos, sin, eps), _norm_rope(k, k_weight, cos, sin, eps)
 
 
+def rms_norm(x: Tensor, weight: Tensor, eps: float | None) -> Tensor:
+    """RMSNorm over the last dim with ``weight``, computed in fp32 (fp64 for fp64 inputs) and rounded to ``x``'s
+    dtype: the QK norm of the ``local`` spec (:class:`~flux_nemo.model.attention.RMSNorm`) and of
+    :func:`qk_norm_rope`."""
+    compute = torch.promote_types(x.dtype, torch.float32)
+    return F.rms_norm(x.to(compute), (x.shape[-1],), weight.to(compute), eps).to(x.dtype)
+
+
 def _norm_rope(t: Tensor, weight: Tensor, cos: Tensor, sin: Tensor, eps: float) -> Tensor:
-    compute = torch.promote_types(t.dtype, torch.float32)
-    normed = F.rms_norm(t.to(compute), (t.shape[-1],), weight.to(compute), eps).to(t.dtype)
-    return rotate_interleaved(normed, cos, sin)
+    return rotate_interleaved(rms_norm(t, weight, eps), cos, sin)
 
 
 @functools.cache
