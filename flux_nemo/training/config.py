@@ -168,12 +168,16 @@ class TrainerConfig:
 
 
 def _exp_manager_defaults() -> ExpManagerConfig:
-    # keep the newest checkpoint every 1000 steps (the reference's interval) and at the end; never on the eval path
+    # keep the newest checkpoint every 1000 steps (the reference's interval) and at the end; never on the eval
+    # path. Lightning's ModelCheckpoint saves "-last" at every validation end unless it saves at train-epoch ends
+    # instead; our epoch never ends (the train loader cycles), so save_on_train_epoch_end=True leaves only the
+    # every-N-steps saves and NeMo's save at train end (after run_stop).
     ckpt = CallbackParams(
         monitor="step",
         mode="max",
         save_top_k=1,
         save_last=True,
+        save_on_train_epoch_end=True,
         every_n_epochs=None,
         every_n_train_steps=1000,
         save_nemo_on_train_end=False,

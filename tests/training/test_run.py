@@ -122,3 +122,31 @@ def test_more_than_one_cpu_process_is_refused(tiny_data, run_dirs, topology):
     cfg = compose_cfg(*tiny_data, *run_dirs, "system=cpu", *topology)
     with pytest.raises(ValueError, match=r"trainer\.devices=\d x trainer\.num_nodes=\d on CPU"):
         prepare(cfg)
+
+
+def test_checkpoints_are_never_written_on_the_evaluation_path(tiny_data, run_dirs):
+    """A checkpoint per evaluation would cost time inside the timed window: only every N steps and at the end."""
+    from lightning.pytorch.callbacks import Callback
+
+    seen = {}
+
+    class AfterFirstEval(Callback):
+        def on_train_batch_start(self, trainer, *args):
+            if trainer.global_step == 3:  # the evaluation at step 3 is over
+                seen["checkpoints"] = sorted(p.name for p in Path(trainer.default_root_dir).rglob("*.ckpt*"))
+                seen["checkpoints"] += sorted(p.name for p in Path(trainer.default_root_dir).rglob("*last*"))
+
+    cfg = compose_cfg(
+        *tiny_data,
+        *run_dirs,
+        "exp_manager.create_checkpoint_callback=true",
+        "exp_manager.checkpoint_callback_params.every_n_train_steps=5",
+        "train.max_steps=6",
+    )
+    prepared = prepare(cfg)
+    prepared.trainer.callbacks.insert(0, AfterFirstEval())
+    result = prepared.fit()
+    assert [s for s, _ in result.evals] == [96, 192]  # evaluations at steps 3 and 6
+    assert seen == {"checkpoints": []}
+    saved = sorted(p.name for p in Path(cfg.exp_manager.exp_dir).rglob("checkpoints/*"))
+    assert any("step=5" in name for name in saved) and any("last" in name for name in saved), saved
