@@ -178,6 +178,9 @@ class MLPerfRunCallback(Callback):
             trainer.save_checkpoint(str(path))
             log.warning("checkpoint saved to %s", path.with_suffix(""))
         trainer.should_stop = True
+        # Lightning runs a validation when ``should_stop`` is set mid-interval; an evaluation off the
+        # ``eval_every_steps`` cadence must not happen (nor be logged, nor decide the status): none after a stop.
+        trainer.limit_val_batches = 0
 
     # ------------------------------------------------------------------ evaluation
     def on_validation_start(self, trainer, module) -> None:

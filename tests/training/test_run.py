@@ -150,3 +150,41 @@ def test_checkpoints_are_never_written_on_the_evaluation_path(tiny_data, run_dir
     assert seen == {"checkpoints": []}
     saved = sorted(p.name for p in Path(cfg.exp_manager.exp_dir).rglob("checkpoints/*"))
     assert any("step=5" in name for name in saved) and any("last" in name for name in saved), saved
+
+
+@pytest.mark.parametrize("stop", ["sigusr1", "nonfinite"])
+def test_a_stop_request_does_not_evaluate_off_cadence(tiny_data, run_dirs, stop):
+    """Lightning validates when ``should_stop`` is set; a stop at step 2 must not log an evaluation (cadence 3)."""
+    import os
+    import signal
+
+    from lightning.pytorch.callbacks import Callback
+
+    class Stop(Callback):
+        def on_train_batch_end(self, trainer, module, *args):
+            if trainer.global_step == 2 and stop == "sigusr1":
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+    overrides = ["train.lr=1e30", "train.warmup_steps=0"] if stop == "nonfinite" else []
+    cfg = compose_cfg(*tiny_data, *run_dirs, *overrides)
+    prepared = prepare(cfg)
+    prepared.trainer.callbacks.insert(0, Stop())
+    result = prepared.fit()
+    assert result.status == "aborted" and result.steps < 3 and result.evals == []
+    keys = [e["key"] for e in mlperf_events(cfg.mlperf.log_file)]
+    assert not {"eval_start", "eval_accuracy", "eval_stop"} & set(keys), keys
+    assert keys[-1] == "run_stop"
+    assert list(Path(result.log_dir).glob("checkpoints/*-step*/state.pt"))
+
+
+def test_a_nonfinite_validation_loss_aborts_the_run_with_a_checkpoint(tiny_data, run_dirs):
+    cfg = compose_cfg(*tiny_data, *run_dirs)
+    prepared = prepare(cfg)
+    prepared.module.eval_result = lambda: (float("nan"), 64)
+    result = prepared.fit()
+    assert result.status == "aborted" and result.steps == 3 and result.evals == []
+    keys = [e["key"] for e in mlperf_events(cfg.mlperf.log_file)]
+    # the logger allows no eval_stop without an accuracy: the evaluation stays open and the run aborts
+    assert keys.count("eval_start") == 1 and not {"eval_accuracy", "eval_stop"} & set(keys)
+    assert keys[-1] == "run_stop" and keys.index("eval_start") < keys.index("run_stop")
+    assert (Path(result.log_dir) / "checkpoints" / "nonfinite-eval-step3" / "state.pt").exists()
