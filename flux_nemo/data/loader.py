@@ -10,6 +10,8 @@ Order (reference.md §5.4): no shuffling. Data-parallel rank ``r`` of ``W`` read
   state: ``state_dict()`` / ``load_state_dict()`` restore it exactly; the dp world size must match.
 * Eval: one pass over the rank's chunk with the stored timesteps. Every rank runs ``ceil(ceil(N / W) / B)`` batches;
   rows past the end of a rank's chunk are zero padding with ``valid=False`` (timestep 0), never counted in the metric.
+  A valid row's stored timestep must be 0..7 (t = timestep / 8): a missing or out-of-range one raises, naming
+  the file, row and key.
 
 Batches are built whole by ``num_workers`` threads (0: in the caller's thread): each batch is allocated once (in
 pinned memory when ``pin_memory`` and CUDA) and each sample's payload is copied straight from the memory-mapped file
@@ -27,6 +29,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+
+from flux_nemo.flow_matching import EVAL_TIMESTEPS
 
 from .format import OFFICIAL_SHAPES, RecordShapes
 from .readers import open_source
@@ -60,9 +64,12 @@ def _alloc(shape: tuple[int, ...], pin: bool) -> tuple[torch.Tensor, np.ndarray]
 class BatchBuilder:
     """Builds one batch dict from a list of source indices (``-1`` = padding row, zeros, ``valid=False``)."""
 
-    def __init__(self, source, shapes: RecordShapes, pin_memory: bool = False):
+    def __init__(
+        self, source, shapes: RecordShapes, pin_memory: bool = False, require_timestep: bool = False
+    ):
         self.source = source
         self.shapes = shapes
+        self.require_timestep = require_timestep  # eval: t = timestep / 8 needs a stored 0..7
         self.fields = shapes.fields()
         self.pin = bool(pin_memory) and torch.cuda.is_available()
 
@@ -80,9 +87,21 @@ class BatchBuilder:
                 valid[row] = False
             else:
                 ts[row] = self.source.fill(idx, out_np, row)
+                if self.require_timestep and not 0 <= ts[row] < EVAL_TIMESTEPS:
+                    raise ValueError(_bad_timestep(self.source, idx, int(ts[row])))
         batch["timestep"] = torch.from_numpy(ts)
         batch["valid"] = torch.from_numpy(valid)
         return batch
+
+
+def _bad_timestep(source, index: int, ts: int) -> str:
+    # the readers return -1 for a null cell or a dataset without timesteps
+    what = (
+        "missing (no 'timestep' column or .json field, or a null cell)"
+        if ts == -1
+        else f"{ts}, expected 0..7"
+    )
+    return f"{source.where(index)}: timestep {what}; evaluation runs at t = timestep / {EVAL_TIMESTEPS}"
 
 
 def _prefetch(builder: BatchBuilder, index_lists: Iterator[list[int]], num_workers: int, depth: int):
@@ -248,7 +267,7 @@ class EvalLoader:
             yield [i if i < stop else -1 for i in idx]
 
     def __iter__(self):
-        builder = BatchBuilder(self.source, self.shapes, self.pin_memory)
+        builder = BatchBuilder(self.source, self.shapes, self.pin_memory, require_timestep=True)
         depth = max(1, self.num_workers * self.prefetch_factor)
         yield from _prefetch(builder, self._index_lists(), self.num_workers, depth)
 

@@ -7,7 +7,8 @@ Both readers expose the same small interface, used by the loaders:
 * ``source.fill(index, out, row)``: copy sample ``index``'s four tensors into row ``row`` of the uint16 numpy
   arrays ``out[column]`` (one copy from the page cache, no intermediate tensors) and return its timestep
   (-1 when the dataset has no timestep or the cell is null);
-* ``source.key(index)`` and ``source.check(index)`` (decode one sample fully, raising on any problem).
+* ``source.key(index)``, ``source.where(index)`` (file, row and key, for error messages) and
+  ``source.check(index)`` (decode one sample fully, raising on any problem).
 
 Arrow files are memory-mapped (``pa.memory_map`` + IPC stream read, zero copy); tar shards are memory-mapped and
 indexed once by scanning their 512-byte headers. Any problem raises ``ValueError`` naming the file and the row
@@ -229,6 +230,10 @@ class ArrowSource(_Source):
         f, st, r = self._locate(index)
         return f.key(st, r)
 
+    def where(self, index: int) -> str:
+        f, st, r = self._locate(index)
+        return f"{f.path} row {r} (key {f.key(st, r)!r})"
+
     def fill(self, index: int, out: dict[str, np.ndarray], row: int) -> int:
         f, st, r = self._locate(index)
         return f.fill(st, r, out, row)
@@ -381,6 +386,10 @@ class WebDatasetSource(_Source):
     def key(self, index: int) -> str:
         sh, mm, i = self._locate(index)
         return sh.meta(mm, i)[0]
+
+    def where(self, index: int) -> str:
+        sh, mm, i = self._locate(index)
+        return f"{sh.path} sample {i} (key {sh.meta(mm, i)[0]!r})"
 
     def fill(self, index: int, out: dict[str, np.ndarray], row: int) -> int:
         sh, mm, i = self._locate(index)

@@ -226,3 +226,33 @@ def test_columns_are_complete(tmp_path):
     batches = drain(tmp_path / "g")
     assert [b["timestep"].tolist() for b in batches] == [[0, 1], [2, 3]]
     assert set(TENSOR_COLUMNS) <= set(good_table(1).column_names)
+
+
+@pytest.mark.parametrize(
+    "timestep,match",
+    [
+        (pa.array([0, 1, None, 3], pa.int32()), r"key 'k2'\): timestep missing"),
+        (pa.array([0, 1, 8, 3], pa.int32()), r"key 'k2'\): timestep 8, expected 0\.\.7"),
+        (pa.array([0, -3, 2, 3], pa.int32()), r"key 'k1'\): timestep -3, expected 0\.\.7"),
+    ],
+)
+def test_eval_timesteps_must_be_stored_and_in_range(tmp_path, timestep, match):
+    """Evaluation runs at t = timestep / 8: a missing or out-of-range timestep is an error, never t = -1/8."""
+    write_raw_arrow(tmp_path / "e", good_table(4, timestep=timestep))
+    with pytest.raises(ValueError, match=match):
+        drain(tmp_path / "e")
+    build_train_loader(
+        tmp_path / "e", dp_rank=0, dp_world=1, micro_batch_size=2, shapes=SHAPES
+    )  # train: unused
+
+
+def test_eval_without_a_timestep_column_is_refused(tmp_path):
+    table = good_table(4)
+    write_raw_arrow(tmp_path / "e", table.drop_columns(["timestep"]))
+    with pytest.raises(ValueError, match=r"data-00000-of-00001\.arrow row 0 \(key 'k0'\): timestep missing"):
+        drain(tmp_path / "e")
+    write_webdataset(
+        tmp_path / "w", ({k: v for k, v in r.items() if k != "timestep"} for r in rows(2)), SHAPES
+    )
+    with pytest.raises(ValueError, match=r"shard-000000\.tar .*key 'k0'\): timestep missing"):
+        drain(tmp_path / "w")
