@@ -264,3 +264,24 @@ def eval_every_steps(cfg: DictConfig) -> int:
     if cfg.train.eval_every_samples < 1:
         raise ValueError(f"train.eval_every_samples must be >= 1, got {cfg.train.eval_every_samples}")
     return math.ceil(cfg.train.eval_every_samples / cfg.train.global_batch_size)
+
+
+def check_data_kind(cfg: DictConfig) -> None:
+    if cfg.data.kind not in ("preprocessed", "synthetic"):
+        raise ValueError(
+            f"data.kind={cfg.data.kind!r} cannot be trained on directly: encode raw data into the preprocessed "
+            "format first (preprocess/), then use data=preprocessed"
+        )
+
+
+def check_run_config(cfg: DictConfig) -> None:
+    """What the config alone decides, checked before the run touches the MLPerf log or the run directory (a
+    failed launch must not truncate a previous result): every failure names its key."""
+    if cfg.train.max_steps < 1:
+        raise ValueError(f"train.max_steps must be >= 1, got {cfg.train.max_steps}")
+    eval_every_steps(cfg)
+    resolve_lr_warmup(cfg)
+    check_data_kind(cfg)
+    devices, nodes = cfg.trainer.devices, cfg.trainer.num_nodes
+    if isinstance(devices, int) and isinstance(nodes, int) and devices > 0 and nodes > 0:
+        check_batch_sizes(cfg, data_parallel_size(cfg, devices * nodes))

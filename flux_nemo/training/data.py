@@ -10,6 +10,7 @@ from megatron.core import parallel_state
 from omegaconf import DictConfig
 
 from flux_nemo.data import RecordShapes, build_eval_loader, build_train_loader, load_empty_encodings
+from flux_nemo.training.config import check_data_kind
 
 log = logging.getLogger(__name__)
 
@@ -24,14 +25,6 @@ def record_shapes(cfg: DictConfig, model_config) -> RecordShapes:
         t5_len=cfg.data.t5_len,
         latent_size=cfg.data.latent_size,
     )
-
-
-def _check_kind(cfg: DictConfig) -> None:
-    if cfg.data.kind not in ("preprocessed", "synthetic"):
-        raise ValueError(
-            f"data.kind={cfg.data.kind!r} cannot be trained on directly: encode raw data into the preprocessed "
-            "format first (preprocess/), then use data=preprocessed"
-        )
 
 
 def ensure_synthetic_data(cfg: DictConfig, shapes: RecordShapes) -> None:
@@ -74,7 +67,7 @@ def load_empty(cfg: DictConfig, model_config, device: torch.device) -> tuple[tor
 
 def build_loaders(cfg: DictConfig, model_config, local_batch_size: int, train: bool):
     """(train loader, None) or (None, eval loader) of this rank's data-parallel shard."""
-    _check_kind(cfg)
+    check_data_kind(cfg)
     shapes = record_shapes(cfg, model_config)
     kw = dict(
         dp_rank=parallel_state.get_data_parallel_rank(),

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from flux_nemo.mlperf.logger import MLPerfLogger, global_rank
 from flux_nemo.training.block_runner import validate as validate_options
 from flux_nemo.training.callbacks import MLPerfRunCallback
-from flux_nemo.training.config import eval_every_steps
+from flux_nemo.training.config import check_run_config, eval_every_steps
 from flux_nemo.training.data import ensure_synthetic_data, record_shapes
 from flux_nemo.training.flops import flops_per_sample
 from flux_nemo.training.model_builder import flux_config
@@ -151,6 +151,7 @@ def prepare(cfg: DictConfig, config_filename: str = "conf/flux_schnell.yaml") ->
     """MLPerf ``init_start``, then the trainer, exp_manager and the (not yet built) module."""
     _setup_logging(None)
     validate_options(cfg)
+    check_run_config(cfg)  # before the MLPerf log (truncated on open) and the run directory exist
     _prepare_data(cfg)
     mllogger = MLPerfLogger(cfg.mlperf.log_file, rank=launch_rank(cfg))
     mllogger.init_start()  # before the model is built

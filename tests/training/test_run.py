@@ -188,3 +188,25 @@ def test_a_nonfinite_validation_loss_aborts_the_run_with_a_checkpoint(tiny_data,
     assert keys.count("eval_start") == 1 and not {"eval_accuracy", "eval_stop"} & set(keys)
     assert keys[-1] == "run_stop" and keys.index("eval_start") < keys.index("run_stop")
     assert (Path(result.log_dir) / "checkpoints" / "nonfinite-eval-step3" / "state.pt").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (["train.global_batch_size=40"], r"train\.global_batch_size=40 must be a positive multiple"),
+        (["data.kind=raw"], r"data\.kind='raw' cannot be trained on directly"),
+        (["train.eval_every_samples=0"], r"train\.eval_every_samples must be >= 1"),
+        (["train.global_batch_size=96", "train.lr=null"], r"train\.global_batch_size=96 has no MLPerf RCP"),
+        (["parallel=tp2"], r"world size 1 is not a multiple of parallel\.tensor_model_parallel_size"),
+        (["train.max_steps=0"], r"train\.max_steps must be >= 1"),
+    ],
+)
+def test_an_invalid_config_fails_before_the_mlperf_log_or_run_dir_is_touched(
+    tiny_data, tmp_path, overrides, match
+):
+    log_file, exp_dir = tmp_path / "result_0.txt", tmp_path / "exp"
+    log_file.write_text("a previous run's result\n")
+    cfg = compose_cfg(*tiny_data, f"mlperf.log_file={log_file}", f"exp_manager.exp_dir={exp_dir}", *overrides)
+    with pytest.raises(ValueError, match=match):
+        prepare(cfg)
+    assert log_file.read_text() == "a previous run's result\n" and not exp_dir.exists()
