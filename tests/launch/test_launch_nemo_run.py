@@ -79,8 +79,8 @@ def test_unknown_launcher_is_an_error():
         maybe_launch(OmegaConf.create({"launcher": {"name": "k8s"}}), overrides=[])
 
 
-def test_slurm_dryrun_prints_the_sbatch_script(tmp_path):
-    # A throwaway git checkout: the default code_dir=null ships the committed HEAD with GitArchivePackager.
+def _recipe_checkout(tmp_path) -> Path:
+    """A throwaway git checkout: the default code_dir=null ships the committed HEAD with GitArchivePackager."""
     repo = tmp_path / "repo"
     (repo / "recipes").mkdir(parents=True)
     (repo / "recipes" / "flux_schnell.py").write_text("print('recipe')\n")
@@ -88,6 +88,23 @@ def test_slurm_dryrun_prints_the_sbatch_script(tmp_path):
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
     subprocess.run([*git, "add", "."], cwd=repo, check=True)
     subprocess.run([*git, "commit", "-q", "-m", "init"], cwd=repo, check=True)
+    return repo
+
+
+def test_slurm_allocation_defaults_to_the_system_preset(tmp_path):
+    """system=h100_8x8 (8 nodes x 8 GPUs) with launcher=slurm must allocate 8 nodes, not a silent 1."""
+    args = ["launcher=slurm", "launcher.dryrun=true", "launcher.account=a", "launcher.container_image=i:1"]
+    text = _run_app(
+        [*args, "system.num_nodes=8", "system.devices=8", f"launcher.job_dir={tmp_path / 'jobs'}"],
+        cwd=_recipe_checkout(tmp_path),
+    )
+    lines = _lines(text)
+    for flag in ["#SBATCH --nodes=8", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8"]:
+        assert flag in lines, f"{flag!r} not in the sbatch script:\n{text}"
+
+
+def test_slurm_dryrun_prints_the_sbatch_script(tmp_path):
+    repo = _recipe_checkout(tmp_path)
     jobs = tmp_path / "jobs"
     text = _run_app(
         [
@@ -145,6 +162,7 @@ def test_slurm_executor_modes_and_errors(tmp_path):
 
     lcfg = OmegaConf.load(REPO / "conf" / "launcher" / "slurm.yaml")
     lcfg.account, lcfg.container_image, lcfg.job_dir = "acct", "img:1", str(tmp_path)
+    lcfg.nodes, lcfg.gpus_per_node = 1, 8  # ${system.*} in the recipe's composed config
     lcfg.code_dir = "/workspace/flux-nemo"
     ex = build_slurm_executor(lcfg)
     assert type(ex.packager) is Packager and "PYTHONPATH" not in ex.env_vars
