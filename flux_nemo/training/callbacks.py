@@ -5,11 +5,13 @@
     init_start (recipe, before the model is built)
     on_fit_start:       hyperparameters (with the run's seed), synthetic warmup, warmup_time,
                         init_stop + run_start, block_start(samples)
-    every log interval: tracked_stats; stop on a non-finite loss/grad norm or on SIGTERM/SIGUSR1 (with a checkpoint)
+    every log interval: tracked_stats; stop on a non-finite loss/grad norm or after SIGTERM/SIGUSR1 (checkpoint)
     each evaluation:    block_stop, eval_start, eval_accuracy, eval_stop; stop at the first value <= target,
                         else block_start
     on_train_end:       run_stop("success" if the last eval met the target, else "aborted")
-    SIGTERM (Lightning raises SIGTERMException) / SIGUSR1: checkpoint, run_stop("aborted"), clean exit
+    SIGTERM / SIGUSR1: at the next log interval, a resumable checkpoint (``*-last``), run_stop("aborted"), clean exit
+                        (our handler replaces Lightning's SIGTERMException, which fires after the evaluation of a
+                        cadence step: a checkpoint saved there is not the state a resume continues exactly from)
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from flux_nemo.mlperf import constants as C
 from flux_nemo.training.optim import warmup_constant_lr
@@ -59,9 +60,10 @@ class MLPerfRunCallback(Callback):
         start = time.time()
         run_warmup(module, self.cfg.train.synthetic_warmup_steps)
         self.mllogger.warmup_time(time.time() - start)
-        # SIGTERM: Lightning raises SIGTERMException at the next loop boundary (handled in on_exception);
-        # SIGUSR1 (Slurm's pre-timeout signal): we stop at the next log interval.
-        self._previous_sigusr1 = signal.signal(signal.SIGUSR1, self._on_signal)
+        # SIGTERM (preemption) and SIGUSR1 (Slurm's pre-timeout signal): stop at the next log interval.
+        self._previous_handlers = {
+            s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)
+        }
         if dist.is_initialized():
             dist.barrier()
         self.mllogger.init_stop_run_start()
@@ -121,7 +123,7 @@ class MLPerfRunCallback(Callback):
             log.error("non-finite loss %s or grad norm %s at step %d: stopping", *metrics.values(), step)
             self._stop_with_checkpoint(trainer, f"nonfinite-step{step}")
         elif stop_signal:
-            self._stop_with_checkpoint(trainer, f"preempted-step{step}")
+            self._stop_with_checkpoint(trainer, f"preempted-step{step}", resumable=True)
 
     def _report(self, trainer, module, step: int, metrics: dict) -> None:
         now = time.time()
@@ -172,11 +174,27 @@ class MLPerfRunCallback(Callback):
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
-    def _stop_with_checkpoint(self, trainer, name: str) -> None:
+    def _stop_with_checkpoint(self, trainer, name: str, resumable: bool = False) -> None:
+        """Save ``<checkpoints>/<name>`` and stop. A ``resumable`` (preemption) checkpoint is named ``*-last``, the
+        pattern ``exp_manager.resume_if_exists`` restores, and replaces the older ``*-last`` (NeMo refuses to
+        choose between several); a non-finite state is kept for inspection, never resumed."""
         if self.cfg.train.checkpoint_on_stop:
-            path = Path(trainer.default_root_dir) / "checkpoints" / f"{name}.ckpt"
+            periodic = (
+                trainer.checkpoint_callback
+            )  # its dirpath is rank 0's (broadcast), default_root_dir is not
+            if periodic is not None and periodic.dirpath:
+                directory = Path(periodic.dirpath)
+            else:
+                directory = Path(trainer.default_root_dir) / "checkpoints"
+            path = directory / f"{name}{'-last' if resumable else ''}.ckpt"
             trainer.save_checkpoint(str(path))
             log.warning("checkpoint saved to %s", path.with_suffix(""))
+            if resumable:
+                for older in sorted(directory.glob("*-last")):
+                    if older != path.with_suffix(""):
+                        trainer.strategy.remove_checkpoint(str(older) + ".ckpt")
+                if periodic is not None:
+                    periodic.last_model_path = str(path)
         trainer.should_stop = True
         # Lightning runs a validation when ``should_stop`` is set mid-interval; an evaluation off the
         # ``eval_every_steps`` cadence must not happen (nor be logged, nor decide the status): none after a stop.
@@ -225,9 +243,6 @@ class MLPerfRunCallback(Callback):
         self.finish(trainer)
 
     def on_exception(self, trainer, module, exception) -> None:
-        if isinstance(exception, SIGTERMException) and self._running:
-            log.warning("SIGTERM at step %d: saving a checkpoint and stopping", trainer.global_step)
-            self._stop_with_checkpoint(trainer, f"preempted-step{trainer.global_step}")
         self.status = "aborted"
         self.finish(trainer)
 
@@ -236,7 +251,8 @@ class MLPerfRunCallback(Callback):
         if not self._running:
             return
         self._running = False
-        signal.signal(signal.SIGUSR1, self._previous_sigusr1)
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
         self._block_stop(trainer)
         self.run_stop = time.time()
         self.mllogger.run_stop(self.status, trainer.global_step * self.gbs)

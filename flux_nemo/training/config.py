@@ -189,6 +189,7 @@ def _exp_manager_defaults() -> ExpManagerConfig:
         resume_if_exists=False,
         resume_ignore_no_checkpoint=True,
         checkpoint_callback_params=ckpt,
+        create_preemption_callback=False,  # SIGTERM is ours (callbacks.py): NeMo's exits without run_stop
         log_tflops_per_sec_per_gpu=False,
         log_step_timing=False,
         disable_validation_on_resume=False,

@@ -86,6 +86,42 @@ def _prepare_data(cfg: DictConfig) -> None:
         time.sleep(1)
 
 
+_VERSION_ENV = "NEMO_EXPM_VERSION"  # exp_manager's run-directory version, shared with ranks it launches
+_version_set_here: str | None = None
+
+
+def _check_resume(cfg: DictConfig) -> None:
+    """``resume_if_exists``: NeMo looks in ``<exp_dir>/<name>/checkpoints`` only, and trains from scratch when it
+    finds nothing there; a run started without ``resume_if_exists`` wrote into ``<exp_dir>/<name>/version_N``.
+    Refuse to start over silently in that case, naming the folder to resume from."""
+    em = cfg.exp_manager
+    if not em.resume_if_exists or em.explicit_log_dir:
+        return
+    root = Path(em.exp_dir or "nemo_experiments") / str(em.name)
+    if any(root.glob("checkpoints/*last*")) or any(root.glob("checkpoints/*end*")):
+        return
+    earlier = sorted(
+        {p.parent.parent for p in root.glob("*/checkpoints/*last*")}, key=lambda p: p.stat().st_mtime
+    )
+    if earlier:
+        raise ValueError(
+            f"exp_manager.resume_if_exists=true: no checkpoint in {root}/checkpoints, where NeMo resumes from, but "
+            f"{', '.join(map(str, earlier))} holds the checkpoints of a run started without resume_if_exists; "
+            f"resume it with exp_manager.explicit_log_dir={earlier[-1]} (or start afresh in another exp_manager.exp_dir)"
+        )
+
+
+def _exp_manager(trainer: pl.Trainer, cfg: DictConfig) -> Path | None:
+    """NeMo's exp_manager; a version it chose for an earlier run in this process is not reused."""
+    global _version_set_here
+    if _version_set_here is not None and os.environ.get(_VERSION_ENV) == _version_set_here:
+        os.environ.pop(_VERSION_ENV)
+    log_dir = exp_manager(trainer, cfg.exp_manager)
+    if launch_rank(cfg) == 0:
+        _version_set_here = os.environ.get(_VERSION_ENV)
+    return Path(log_dir) if log_dir else None
+
+
 def build_trainer(cfg: DictConfig, callbacks: list) -> pl.Trainer:
     """Lightning trainer with our Megatron strategy; evaluation every ``ceil(eval_every_samples / GBS)`` steps."""
     accelerator = cfg.trainer.accelerator
@@ -132,7 +168,10 @@ class Run:
         try:
             self.trainer.fit(self.module)
         except SIGTERMException:
-            log.warning("stopped by SIGTERM after step %d (checkpoint saved)", self.trainer.global_step)
+            log.warning(
+                "stopped by SIGTERM at step %d, outside the training loop (Lightning's handler; no checkpoint)",
+                self.trainer.global_step,
+            )
         self.callback.finish(self.trainer)
         cb = self.callback
         return RunResult(
@@ -152,6 +191,7 @@ def prepare(cfg: DictConfig, config_filename: str = "conf/flux_schnell.yaml") ->
     _setup_logging(None)
     validate_options(cfg)
     check_run_config(cfg)  # before the MLPerf log (truncated on open) and the run directory exist
+    _check_resume(cfg)
     _prepare_data(cfg)
     mllogger = MLPerfLogger(cfg.mlperf.log_file, rank=launch_rank(cfg))
     mllogger.init_start()  # before the model is built
@@ -160,8 +200,7 @@ def prepare(cfg: DictConfig, config_filename: str = "conf/flux_schnell.yaml") ->
     flops = flops_per_sample(model_config, (shapes.latent_size // 2) ** 2, shapes.t5_len)
     callback = MLPerfRunCallback(cfg, mllogger, flops, eval_every_steps(cfg), config_filename)
     trainer = build_trainer(cfg, [callback])
-    log_dir = exp_manager(trainer, cfg.exp_manager)
-    log_dir = Path(log_dir) if log_dir else None
+    log_dir = _exp_manager(trainer, cfg)
     _setup_logging(log_dir)
     log.info(
         "run: GBS %d, evaluation every %d steps, %.4g TFLOP/sample, MLPerf log %s, run dir %s",

@@ -29,32 +29,71 @@ def test_run_logs_the_mlperf_contract_and_evaluates_every_interval(tiny_data, ru
     assert list(Path(result.log_dir).glob("flux_log_globalrank-0.txt"))
 
 
-def test_stop_and_resume_gives_the_sametrain_losses(tiny_data, tmp_path):
-    def dirs(name):
-        return [f"mlperf.log_file={tmp_path}/{name}.txt", f"exp_manager.exp_dir={tmp_path}/{name}"]
+def _preempt_at(step: int, signum):
+    import os
 
+    from lightning.pytorch.callbacks import Callback
+
+    class Preempt(Callback):  # Slurm's pre-timeout SIGUSR1, or a preemption's SIGTERM
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == step:
+                os.kill(os.getpid(), signum)
+
+    return Preempt()
+
+
+@pytest.mark.parametrize("stop", ["max_steps", "SIGUSR1", "SIGTERM"])
+def test_a_resumed_run_continues_with_the_same_train_losses(tiny_data, tmp_path, stop):
+    """The same command twice with ``exp_manager.resume_if_exists=true`` (a requeued job): the second run restores
+    the newest checkpoint (the periodic one, or the one written when SIGUSR1 stopped the first run)."""
     ckpt = [
         "exp_manager.create_checkpoint_callback=true",
         "exp_manager.checkpoint_callback_params.every_n_train_steps=2",
-    ]
-    straight = compose_cfg(*tiny_data, *dirs("straight"))
-    run(straight)
-    first = compose_cfg(*tiny_data, *dirs("resumed"), *ckpt, "train.max_steps=4")
-    run(first)
-    assert list((tmp_path / "resumed").rglob("*last*")), "no checkpoint written"
-    second = compose_cfg(
-        *tiny_data,
-        *ckpt,
-        f"mlperf.log_file={tmp_path}/resumed2.txt",
-        f"exp_manager.exp_dir={tmp_path}/resumed",
         "exp_manager.resume_if_exists=true",
+        f"exp_manager.exp_dir={tmp_path}/resumed",
+    ]
+    straight = compose_cfg(
+        *tiny_data, f"mlperf.log_file={tmp_path}/straight.txt", f"exp_manager.exp_dir={tmp_path}/s"
     )
+    run(straight)
+    first = compose_cfg(*tiny_data, *ckpt, f"mlperf.log_file={tmp_path}/first.txt", "train.max_steps=4")
+    prepared = prepare(first)
+    if stop != "max_steps":
+        import signal
+
+        prepared.trainer.callbacks.insert(0, _preempt_at(3, getattr(signal, stop)))
+    stopped_at = prepared.fit().steps
+    assert stopped_at == (4 if stop == "max_steps" else 3)
+    second = compose_cfg(*tiny_data, *ckpt, f"mlperf.log_file={tmp_path}/second.txt")
     result = run(second)
     assert result.steps == 6
     expected = train_losses(straight.mlperf.log_file)
     resumed = {**train_losses(first.mlperf.log_file), **train_losses(second.mlperf.log_file)}
-    assert sorted(train_losses(second.mlperf.log_file)) == [5, 6]
+    assert sorted(train_losses(second.mlperf.log_file)) == list(range(stopped_at + 1, 7))
     assert resumed == pytest.approx(expected, rel=1e-6, abs=1e-7)
+
+
+def test_resume_refuses_to_start_over_when_checkpoints_are_in_a_version_folder(tiny_data, tmp_path):
+    """A first run without resume_if_exists writes into <exp_dir>/flux1/version_N, where NeMo's resume does not
+    look: training silently from scratch would waste the run, so the resume names the folder to resume from."""
+    common = [
+        *tiny_data,
+        f"exp_manager.exp_dir={tmp_path}/exp",
+        "exp_manager.create_checkpoint_callback=true",
+        "exp_manager.checkpoint_callback_params.every_n_train_steps=2",
+    ]
+    run(compose_cfg(*common, f"mlperf.log_file={tmp_path}/a.txt", "train.max_steps=2"))
+    cfg = compose_cfg(*common, f"mlperf.log_file={tmp_path}/b.txt", "exp_manager.resume_if_exists=true")
+    with pytest.raises(ValueError, match=r"exp_manager\.explicit_log_dir=.*flux1/version_0"):
+        prepare(cfg)
+    explicit = compose_cfg(
+        *common,
+        f"mlperf.log_file={tmp_path}/c.txt",
+        "exp_manager.resume_if_exists=true",
+        f"exp_manager.explicit_log_dir={tmp_path}/exp/flux1/version_0",
+    )
+    result = run(explicit)
+    assert result.steps == 6 and sorted(train_losses(explicit.mlperf.log_file)) == [3, 4, 5, 6]
 
 
 def test_nonfinite_loss_stops_with_a_checkpoint(tiny_data, run_dirs, tmp_path):
@@ -108,7 +147,7 @@ def test_sigterm_saves_a_checkpoint_and_stops(tiny_data, run_dirs):
     prepared.trainer.callbacks.insert(0, Preempt())
     result = prepared.fit()
     assert result.steps == 2 and result.status == "aborted"
-    assert (Path(result.log_dir) / "checkpoints" / "preempted-step2" / "state.pt").exists()
+    assert (Path(result.log_dir) / "checkpoints" / "preempted-step2-last" / "state.pt").exists()
 
 
 def test_precision_aware_optimizer_is_refused_on_the_cpu_path(tiny_data, run_dirs):
