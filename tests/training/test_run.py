@@ -58,6 +58,8 @@ def test_a_resumed_run_continues_with_the_same_train_losses(tiny_data, tmp_path,
     run(straight)
     first = compose_cfg(*tiny_data, *ckpt, f"mlperf.log_file={tmp_path}/first.txt", "train.max_steps=4")
     prepared = prepare(first)
+    # no version folder with resume_if_exists (not even the one exp_manager chose for the straight run above)
+    assert prepared.log_dir == tmp_path / "resumed" / "flux1"
     if stop != "max_steps":
         import signal
 
