@@ -79,12 +79,28 @@ def build_loaders(cfg: DictConfig, model_config, local_batch_size: int, train: b
     )
     try:
         if train:
-            return build_train_loader(cfg.data.train_path, micro_batch_size=local_batch_size, **kw), None
-        return None, build_eval_loader(
-            cfg.data.eval_path, micro_batch_size=cfg.train.eval_micro_batch_size, **kw
-        )
+            loader = build_train_loader(cfg.data.train_path, micro_batch_size=local_batch_size, **kw)
+        else:
+            loader = build_eval_loader(
+                cfg.data.eval_path, micro_batch_size=cfg.train.eval_micro_batch_size, **kw
+            )
     except ValueError as err:
         raise ValueError(
             f"{err}\n(the model expects records of shape {shapes.fields()}: from model.context_in_dim, "
             "model.vec_in_dim, model.in_channels / 4 and data.t5_len, data.latent_size)"
         ) from err
+    if cfg.data.kind == "preprocessed":
+        _check_size(cfg, "train" if train else "eval", len(loader.source))
+    return (loader, None) if train else (None, loader)
+
+
+def _check_size(cfg: DictConfig, split: str, found: int) -> None:
+    """The MLPerf sets have fixed sizes (``mlperf.train_samples`` / ``eval_samples``, also logged): a partial
+    download or a shard lost in a copy must not train or evaluate on less, silently."""
+    expected = int(cfg.mlperf[f"{split}_samples"])
+    if found != expected:
+        raise ValueError(
+            f"{split} data {cfg.data[f'{split}_path']}: {found} samples, but the MLPerf flux1 {split} set has "
+            f"{expected} (mlperf.{split}_samples); a truncated or partial copy? To train on other data set "
+            f"mlperf.{split}_samples={found} (the run is then not an MLPerf result)"
+        )

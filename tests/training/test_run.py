@@ -251,3 +251,19 @@ def test_an_invalid_config_fails_before_the_mlperf_log_or_run_dir_is_touched(
     with pytest.raises(ValueError, match=match):
         prepare(cfg)
     assert log_file.read_text() == "a previous run's result\n" and not exp_dir.exists()
+
+
+def test_preprocessed_data_must_have_the_mlperf_sizes(tiny_data, run_dirs):
+    """A truncated download (fewer train or eval samples than MLPerf's) fails naming the path and the key."""
+    from flux_nemo.training.data import ensure_synthetic_data, record_shapes
+    from flux_nemo.training.model_builder import flux_config
+
+    cfg = compose_cfg(*tiny_data, *run_dirs)
+    ensure_synthetic_data(cfg, record_shapes(cfg, flux_config(cfg)))  # 256 train, 64 eval records
+    as_preprocessed = [*tiny_data, *run_dirs, "data.kind=preprocessed", "train.max_steps=3"]
+    with pytest.raises(ValueError, match=r"train.*256 samples, but the MLPerf flux1 train set has 1099776"):
+        run(compose_cfg(*as_preprocessed))
+    with pytest.raises(ValueError, match=r"eval.*64 samples, but the MLPerf flux1 eval set has 29696"):
+        run(compose_cfg(*as_preprocessed, "mlperf.train_samples=256"))
+    result = run(compose_cfg(*as_preprocessed, "mlperf.train_samples=256", "mlperf.eval_samples=64"))
+    assert result.steps == 3 and [s for s, _ in result.evals] == [96]
