@@ -118,8 +118,13 @@ def parse_log(path: Path) -> RunLog:
 def collect_logs(paths: list[str]) -> list[Path]:
     files: list[Path] = []
     for p in map(Path, paths):
-        if p.is_dir():
-            files += [
+        if (
+            p.is_dir()
+        ):  # MLPerf's result_<i>.txt if there are any (not, e.g., a checker's output quoting lines)
+            results = sorted(
+                (f for f in p.glob("result_*.txt") if f.is_file()), key=lambda f: (len(f.name), f.name)
+            )
+            files += results or [
                 f for f in sorted(p.iterdir()) if f.is_file() and TOKEN in f.read_text(errors="replace")
             ]
         elif p.is_file():

@@ -88,6 +88,7 @@ def test_dryrun_runs_nexp_runs_with_cache_drop_training_and_compliance(tmp_path)
         assert "create_checkpoint_callback=false" not in task  # ENABLE_CHECKPOINTING=1
         assert check.startswith("+ srun --nodes=1 --ntasks=1 ")
         assert "python -m mlperf_logging.compliance_checker --usage training --ruleset 6.1.0" in check
+        assert f"--log_output /logdir/compliance/compliance_{i}.log " in check  # not among the results
         assert check.endswith(result)
     assert (tmp_path / "logs" / "results" / "sys_a" / "flux1").is_dir()
 

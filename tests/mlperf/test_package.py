@@ -143,3 +143,22 @@ def test_input_errors(tmp_path):
     res = run_module("flux_nemo.mlperf.package", "--logs", str(tmp_path / "nope"), "--out", str(tmp_path / "o"),
                      "--system", "s")  # fmt: skip
     assert res.returncode == 2 and "does not exist" in res.stderr
+
+
+def test_a_result_directory_means_its_result_files(tmp_path):
+    """A failed compliance check quotes the offending ``:::MLLOG`` line: its output, next to the results, must not
+    be taken for an 11th run. Without result_<i>.txt files any log holding MLLOG lines is a run (e.g. slurm-*.out)."""
+    from flux_nemo.mlperf.package import collect_logs
+
+    line = ':::MLLOG {"key": "run_start"}\n'
+    for name in ["result_0.txt", "result_1.txt"]:
+        (tmp_path / name).write_text(line)
+    (tmp_path / "compliance_0.log").write_text(
+        f"WARNING -  CHECK for 'x' failed in line 10:\n{line}ERROR - FAILED\n"
+    )
+    assert [f.name for f in collect_logs([str(tmp_path)])] == ["result_0.txt", "result_1.txt"]
+    other = tmp_path / "slurm"
+    other.mkdir()
+    (other / "slurm-7.out").write_text(f"noise\n{line}")
+    (other / "notes.txt").write_text("no log lines\n")
+    assert [f.name for f in collect_logs([str(other)])] == ["slurm-7.out"]
