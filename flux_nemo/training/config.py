@@ -283,6 +283,27 @@ def check_run_config(cfg: DictConfig) -> None:
     eval_every_steps(cfg)
     resolve_lr_warmup(cfg)
     check_data_kind(cfg)
+    check_precision_disclosure(cfg.precision)
     devices, nodes = cfg.trainer.devices, cfg.trainer.num_nodes
     if isinstance(devices, int) and isinstance(nodes, int) and devices > 0 and nodes > 0:
         check_batch_sizes(cfg, data_parallel_size(cfg, devices * nodes))
+
+
+def check_precision_disclosure(prec: DictConfig) -> None:
+    """The MLPerf log's lowest-precision keys must describe the run: FP8 block linears, the compute dtype in
+    attention, and the gradient reduction's dtype (fp32 unless ``grad_reduce_in_fp32`` is off)."""
+    compute = {"bf16": "bfloat16", "fp32": "fp32"}.get(prec.compute_dtype, prec.compute_dtype)
+    derived = {
+        "mlperf_linear": ("fp8" if prec.fp8 else compute, f"precision.fp8={prec.fp8}"),
+        "mlperf_attn": (compute, f"precision.compute_dtype={prec.compute_dtype}"),
+        "mlperf_comm": (
+            "fp32" if prec.grad_reduce_in_fp32 or compute == "fp32" else compute,
+            f"precision.grad_reduce_in_fp32={prec.grad_reduce_in_fp32}",
+        ),
+    }
+    for key, (want, because) in derived.items():
+        if prec[key] != want:
+            raise ValueError(
+                f"precision.{key}={prec[key]!r} is logged to MLPerf but the run uses {want!r} ({because}): "
+                f"set precision.{key}={want}"
+            )

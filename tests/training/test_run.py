@@ -240,6 +240,11 @@ def test_a_nonfinite_validation_loss_aborts_the_run_with_a_checkpoint(tiny_data,
         (["train.global_batch_size=96", "train.lr=null"], r"train\.global_batch_size=96 has no MLPerf RCP"),
         (["parallel=tp2"], r"world size 1 is not a multiple of parallel\.tensor_model_parallel_size"),
         (["train.max_steps=0"], r"train\.max_steps must be >= 1"),
+        (["precision.grad_reduce_in_fp32=false"], r"precision\.mlperf_comm='fp32' .* uses 'bfloat16'"),
+        (
+            ["precision.mlperf_linear=fp8"],
+            r"precision\.mlperf_linear='fp8' .* uses 'bfloat16' \(precision\.fp8=None",
+        ),
     ],
 )
 def test_an_invalid_config_fails_before_the_mlperf_log_or_run_dir_is_touched(
