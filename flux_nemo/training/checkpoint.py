@@ -74,10 +74,19 @@ def set_rng_state(state: dict) -> None:
 
 
 def _rank_state(module) -> dict:
-    return {"rng": rng_state(), "train_loader": module.train_loader_state()}
+    gbs = int(module.cfg.train.global_batch_size)
+    return {"rng": rng_state(), "train_loader": module.train_loader_state(), "global_batch_size": gbs}
 
 
 def _restore_rank_state(module, state: dict) -> None:
+    saved, gbs = state.get("global_batch_size"), int(module.cfg.train.global_batch_size)
+    if (
+        saved is not None and saved != gbs
+    ):  # step x GBS is the MLPerf samples_count, the LR schedule is per step
+        raise ValueError(
+            f"train.global_batch_size={gbs}, but the checkpoint was trained with {saved}: resume with "
+            f"train.global_batch_size={saved}"
+        )
     set_rng_state(state["rng"])
     module.loader_state = state["train_loader"]
 

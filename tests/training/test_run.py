@@ -272,3 +272,19 @@ def test_preprocessed_data_must_have_the_mlperf_sizes(tiny_data, run_dirs):
         run(compose_cfg(*as_preprocessed, "mlperf.train_samples=256"))
     result = run(compose_cfg(*as_preprocessed, "mlperf.train_samples=256", "mlperf.eval_samples=64"))
     assert result.steps == 3 and [s for s, _ in result.evals] == [96]
+
+
+def test_resume_with_another_global_batch_size_is_refused(tiny_data, tmp_path):
+    common = [
+        *tiny_data,
+        f"exp_manager.exp_dir={tmp_path}/exp",
+        "exp_manager.create_checkpoint_callback=true",
+        "exp_manager.checkpoint_callback_params.every_n_train_steps=2",
+        "exp_manager.resume_if_exists=true",
+    ]
+    run(compose_cfg(*common, f"mlperf.log_file={tmp_path}/a.txt", "train.max_steps=2"))
+    cfg = compose_cfg(*common, f"mlperf.log_file={tmp_path}/b.txt", "train.global_batch_size=64")
+    with pytest.raises(
+        ValueError, match=r"train\.global_batch_size=64, but the checkpoint was trained with 32"
+    ):
+        run(cfg)
