@@ -50,7 +50,7 @@ class MLPerfRunCallback(Callback):
         self.status = "aborted"
         self.last_eval: float | None = None
         self.evals: list[tuple[int, float]] = []
-        self._signal = False
+        self._signal, self._signum = False, None
         self._in_block = False
         self._running = False
 
@@ -98,7 +98,7 @@ class MLPerfRunCallback(Callback):
 
     def _on_signal(self, signum, frame) -> None:
         log.warning("received signal %d: saving a checkpoint and stopping at the next log interval", signum)
-        self._signal = True
+        self._signal, self._signum = True, signum
 
     def _block_start(self, trainer) -> None:
         self.mllogger.block_start(trainer.global_step * self.gbs)
@@ -178,10 +178,15 @@ class MLPerfRunCallback(Callback):
         """Save ``<checkpoints>/<name>`` and stop. A ``resumable`` (preemption) checkpoint is named ``*-last``, the
         pattern ``exp_manager.resume_if_exists`` restores, and replaces the older ``*-last`` (NeMo refuses to
         choose between several); a non-finite state is kept for inspection, never resumed."""
-        if self.cfg.train.checkpoint_on_stop:
-            periodic = (
-                trainer.checkpoint_callback
-            )  # its dirpath is rank 0's (broadcast), default_root_dir is not
+        # the callback's dirpath is rank 0's (broadcast); default_root_dir is per rank
+        periodic = trainer.checkpoint_callback
+        if resumable and periodic is not None and periodic.save_last and self._signum != signal.SIGTERM:
+            # the checkpoint callback saves "*-last" when the (never-ending) epoch ends, i.e. when training stops
+            # (``save_on_train_epoch_end``), after run_stop: a second write of the same state would double a
+            # preemption's time. Not after SIGTERM: Lightning's handler (composed with ours) raises
+            # SIGTERMException before the epoch ends, so that save never comes.
+            log.warning("stopping: the checkpoint callback saves the resumable *-last checkpoint")
+        elif self.cfg.train.checkpoint_on_stop:
             if periodic is not None and periodic.dirpath:
                 directory = Path(periodic.dirpath)
             else:
@@ -239,6 +244,11 @@ class MLPerfRunCallback(Callback):
         self._window_start = time.time()
 
     # ------------------------------------------------------------------ end
+    def on_train_epoch_end(self, trainer, module) -> None:
+        # the train loader never ends an epoch: it ends when training stops, and the clock stops before the
+        # checkpoint callback's end-of-training save (it runs after this callback)
+        self.finish(trainer)
+
     def on_train_end(self, trainer, module) -> None:
         self.finish(trainer)
 

@@ -13,13 +13,21 @@ pytestmark = pytest.mark.gpu
 GPU = ["system=h100_1x8", "system.devices=1", "precision=bf16", "model.backend=local"]
 
 
-def test_megatron_ddp_distributed_optimizer_and_dist_checkpoint_resume(tiny_data, tmp_path):
+@pytest.mark.parametrize("stop", ["max_steps", "SIGTERM"])
+def test_megatron_ddp_distributed_optimizer_and_dist_checkpoint_resume(tiny_data, tmp_path, stop):
+    """Megatron DDP + distributed optimizer; a run stopped at max_steps or by SIGTERM (``preempted-step3-last``)
+    continues, with the same command and ``resume_if_exists=true``, from its Megatron distributed checkpoint."""
+    import os
+    import signal
+
+    from lightning.pytorch.callbacks import Callback
     from megatron.core.distributed import DistributedDataParallel
     from megatron.core.optimizer import MegatronOptimizer
 
     ckpt = [
         "exp_manager.create_checkpoint_callback=true",
         "exp_manager.checkpoint_callback_params.every_n_train_steps=2",
+        "exp_manager.resume_if_exists=true",
     ]
 
     def dirs(name, exp):
@@ -33,17 +41,26 @@ def test_megatron_ddp_distributed_optimizer_and_dist_checkpoint_resume(tiny_data
     expected = train_losses(straight.module.cfg.mlperf.log_file)
     assert sorted(expected) == [1, 2, 3, 4, 5, 6] and all(math.isfinite(v) for v in expected.values())
 
+    class Preempt(Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+
     first = prepare(compose_cfg(*GPU, *tiny_data, *ckpt, *dirs("first", "resumed"), "train.max_steps=4"))
-    first.fit()
-    assert list((tmp_path / "resumed").rglob("*last*/metadata.json")), "no Megatron distributed checkpoint"
-    second = prepare(
-        compose_cfg(*GPU, *tiny_data, *ckpt, *dirs("second", "resumed"), "exp_manager.resume_if_exists=true")
-    )
+    if stop == "SIGTERM":
+        first.trainer.callbacks.insert(0, Preempt())
+    stopped_at = first.fit().steps
+    assert stopped_at == (3 if stop == "SIGTERM" else 4)
+    saved = list((tmp_path / "resumed").rglob("*last/metadata.json"))
+    assert len(saved) == 1, f"not one Megatron distributed *-last checkpoint: {saved}"
+    if stop == "SIGTERM":
+        assert saved[0].parent.name == "preempted-step3-last"
+    second = prepare(compose_cfg(*GPU, *tiny_data, *ckpt, *dirs("second", "resumed")))
     result = second.fit()
     assert result.steps == 6
     resumed = train_losses(second.module.cfg.mlperf.log_file)
-    assert sorted(resumed) == [5, 6]
-    assert resumed == pytest.approx({k: expected[k] for k in (5, 6)}, rel=1e-3)
+    assert sorted(resumed) == list(range(stopped_at + 1, 7))
+    assert resumed == pytest.approx({k: expected[k] for k in resumed}, rel=1e-3)
 
 
 def test_precision_aware_optimizer_trains_like_the_standard_one(tiny_data, tmp_path):

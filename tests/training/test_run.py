@@ -42,8 +42,10 @@ def _preempt_at(step: int, signum):
     return Preempt()
 
 
-@pytest.mark.parametrize("stop", ["max_steps", "SIGUSR1", "SIGTERM"])
-def test_a_resumed_run_continues_with_the_same_train_losses(tiny_data, tmp_path, stop):
+@pytest.mark.parametrize(
+    "stop,at", [("max_steps", 4), ("SIGUSR1", 3), ("SIGTERM", 3), ("SIGTERM", 1), ("SIGUSR1", 5)]
+)
+def test_a_resumed_run_continues_with_the_same_train_losses(tiny_data, tmp_path, stop, at):
     """The same command twice with ``exp_manager.resume_if_exists=true`` (a requeued job): the second run restores
     the newest checkpoint (the periodic one, or the one written when SIGUSR1 stopped the first run)."""
     ckpt = [
@@ -56,16 +58,37 @@ def test_a_resumed_run_continues_with_the_same_train_losses(tiny_data, tmp_path,
         *tiny_data, f"mlperf.log_file={tmp_path}/straight.txt", f"exp_manager.exp_dir={tmp_path}/s"
     )
     run(straight)
-    first = compose_cfg(*tiny_data, *ckpt, f"mlperf.log_file={tmp_path}/first.txt", "train.max_steps=4")
+    first = compose_cfg(
+        *tiny_data,
+        *ckpt,
+        f"mlperf.log_file={tmp_path}/first.txt",
+        f"train.max_steps={at if stop == 'max_steps' else 6}",
+    )
     prepared = prepare(first)
     # no version folder with resume_if_exists (not even the one exp_manager chose for the straight run above)
     assert prepared.log_dir == tmp_path / "resumed" / "flux1"
     if stop != "max_steps":
         import signal
 
-        prepared.trainer.callbacks.insert(0, _preempt_at(3, getattr(signal, stop)))
+        prepared.trainer.callbacks.insert(0, _preempt_at(at, getattr(signal, stop)))
+    saves = []  # (checkpoint, was the MLPerf clock still running)
+    save = prepared.trainer.strategy.save_checkpoint
+
+    def recorded(checkpoint, path, *args, **kwargs):
+        saves.append((Path(path).name, prepared.callback._running))
+        save(checkpoint, path, *args, **kwargs)
+
+    prepared.trainer.strategy.save_checkpoint = recorded
     stopped_at = prepared.fit().steps
-    assert stopped_at == (4 if stop == "max_steps" else 3)
+    assert stopped_at == at
+    # the stop's state is saved as the one *-last; SIGUSR1's by the checkpoint callback after run_stop
+    assert len(list((tmp_path / "resumed").rglob("*-last"))) == 1
+    at_stop = [
+        (n, r) for n, r in saves if n.endswith("-last.ckpt") and (f"step={at}." in n or f"step{at}-" in n)
+    ]
+    assert at_stop, saves
+    if stop == "SIGUSR1":
+        assert not any(running for _, running in at_stop), saves
     second = compose_cfg(*tiny_data, *ckpt, f"mlperf.log_file={tmp_path}/second.txt")
     result = run(second)
     assert result.steps == 6
