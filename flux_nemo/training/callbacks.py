@@ -5,13 +5,15 @@
     init_start (recipe, before the model is built)
     on_fit_start:       hyperparameters (with the run's seed), synthetic warmup, warmup_time,
                         init_stop + run_start, block_start(samples)
-    every log interval: tracked_stats; stop on a non-finite loss/grad norm or after SIGTERM/SIGUSR1 (checkpoint)
+    every log interval: tracked_stats; stop on a non-finite loss/grad norm (checkpoint)
+    every step:         stop after SIGTERM/SIGUSR1 (any rank; resumable checkpoint)
     each evaluation:    block_stop, eval_start, eval_accuracy, eval_stop; stop at the first value <= target,
                         else block_start
-    on_train_end:       run_stop("success" if the last eval met the target, else "aborted")
-    SIGTERM / SIGUSR1: at the next log interval, a resumable checkpoint (``*-last``), run_stop("aborted"), clean exit
-                        (our handler replaces Lightning's SIGTERMException, which fires after the evaluation of a
-                        cadence step: a checkpoint saved there is not the state a resume continues exactly from)
+    training stops:     run_stop("success" if the last eval met the target, else "aborted") when the epoch ends
+                        (the loader never ends one), before the checkpoint callback's end-of-training save
+    SIGTERM / SIGUSR1:  after the current step: a resumable ``*-last`` checkpoint, run_stop("aborted"), clean exit
+                        (our handlers replace Lightning's, whose SIGTERMException fires after the step's evaluation:
+                        a checkpoint saved there is not the state a resume continues exactly from)
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ class MLPerfRunCallback(Callback):
         self.status = "aborted"
         self.last_eval: float | None = None
         self.evals: list[tuple[int, float]] = []
-        self._signal, self._signum = False, None
+        self._signal = False
+        self._previous_handlers: dict = {}
         self._in_block = False
         self._running = False
 
@@ -60,10 +63,6 @@ class MLPerfRunCallback(Callback):
         start = time.time()
         run_warmup(module, self.cfg.train.synthetic_warmup_steps)
         self.mllogger.warmup_time(time.time() - start)
-        # SIGTERM (preemption) and SIGUSR1 (Slurm's pre-timeout signal): stop at the next log interval.
-        self._previous_handlers = {
-            s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)
-        }
         if dist.is_initialized():
             dist.barrier()
         self.mllogger.init_stop_run_start()
@@ -71,6 +70,14 @@ class MLPerfRunCallback(Callback):
         self.run_start = self._window_start = time.time()
         self._window_step = trainer.global_step
         self._block_start(trainer)
+
+    def on_train_start(self, trainer, module) -> None:
+        # SIGTERM (preemption) and SIGUSR1 (Slurm's pre-timeout signal): stop after the current step. Installed here,
+        # after Lightning's own handlers (registered after on_fit_start), which they replace: Lightning's SIGTERM
+        # handler raises SIGTERMException after the step's evaluation, where no consistent checkpoint can be saved.
+        self._previous_handlers = {
+            s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)
+        }
 
     def _log_hyperparameters(self, trainer, module) -> None:
         par, prec, ml = self.cfg.parallel, self.cfg.precision, self.cfg.mlperf
@@ -97,8 +104,8 @@ class MLPerfRunCallback(Callback):
         )
 
     def _on_signal(self, signum, frame) -> None:
-        log.warning("received signal %d: saving a checkpoint and stopping at the next log interval", signum)
-        self._signal, self._signum = True, signum
+        log.warning("received signal %d: stopping after this step with a resumable checkpoint", signum)
+        self._signal = True
 
     def _block_start(self, trainer) -> None:
         self.mllogger.block_start(trainer.global_step * self.gbs)
@@ -112,17 +119,18 @@ class MLPerfRunCallback(Callback):
     # ------------------------------------------------------------------ training progress
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if step % self.cfg.train.log_every_n_steps and step != trainer.max_steps:
-            return
-        metrics = module.pop_train_metrics()
-        if metrics is None:
-            return
-        self._report(trainer, module, step, metrics)
+        # every step (one 4-byte all-reduce; the optimizer's grad norm syncs each step anyway): a SIGTERM leaves
+        # seconds, not a log interval's worth of steps
         stop_signal = self._any_rank(self._signal)
-        if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
-            log.error("non-finite loss %s or grad norm %s at step %d: stopping", *metrics.values(), step)
-            self._stop_with_checkpoint(trainer, f"nonfinite-step{step}")
-        elif stop_signal:
+        logging_step = not step % self.cfg.train.log_every_n_steps or step == trainer.max_steps
+        metrics = module.pop_train_metrics() if logging_step else None
+        if metrics is not None:
+            self._report(trainer, module, step, metrics)
+            if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
+                log.error("non-finite loss %s or grad norm %s at step %d: stopping", *metrics.values(), step)
+                self._stop_with_checkpoint(trainer, f"nonfinite-step{step}")
+                return
+        if stop_signal:
             self._stop_with_checkpoint(trainer, f"preempted-step{step}", resumable=True)
 
     def _report(self, trainer, module, step: int, metrics: dict) -> None:
@@ -180,11 +188,10 @@ class MLPerfRunCallback(Callback):
         choose between several); a non-finite state is kept for inspection, never resumed."""
         # the callback's dirpath is rank 0's (broadcast); default_root_dir is per rank
         periodic = trainer.checkpoint_callback
-        if resumable and periodic is not None and periodic.save_last and self._signum != signal.SIGTERM:
+        if resumable and periodic is not None and periodic.save_last:
             # the checkpoint callback saves "*-last" when the (never-ending) epoch ends, i.e. when training stops
             # (``save_on_train_epoch_end``), after run_stop: a second write of the same state would double a
-            # preemption's time. Not after SIGTERM: Lightning's handler (composed with ours) raises
-            # SIGTERMException before the epoch ends, so that save never comes.
+            # preemption's time
             log.warning("stopping: the checkpoint callback saves the resumable *-last checkpoint")
         elif self.cfg.train.checkpoint_on_stop:
             if periodic is not None and periodic.dirpath:
