@@ -196,8 +196,8 @@ class MLPerfRunCallback(Callback):
         elif self.cfg.train.checkpoint_on_stop:
             if periodic is not None and periodic.dirpath:
                 directory = Path(periodic.dirpath)
-            else:
-                directory = Path(trainer.default_root_dir) / "checkpoints"
+            else:  # exp_manager gives ranks other than 0 no version folder: every rank writes where rank 0 does
+                directory = Path(trainer.strategy.broadcast(str(trainer.default_root_dir))) / "checkpoints"
             path = directory / f"{name}{'-last' if resumable else ''}.ckpt"
             trainer.save_checkpoint(str(path))
             log.warning("checkpoint saved to %s", path.with_suffix(""))
