@@ -14,7 +14,7 @@ the step shrinks for both.
 
 A ``--precision`` entry is a precision (``conf/precision``) with optional ``+`` options: ``fused``
 (``model.modulation_fusion=true``), ``paopt`` (``precision.precision_aware_optimizer=true``), ``qkrope``
-(``model.qk_norm_rope_fusion=true``), ``mlpfuse`` (``model.mlp_fusion=true``).
+(``model.qk_norm_rope_fusion=true``).
 
 Prints ms/step (median), samples/s, model TFLOP/s per GPU (0.3574 TFLOP per block per sample at 256 + 256
 tokens, MLPerf accounting) and peak memory, then a table with the ratio to the first peer row.
@@ -47,7 +47,6 @@ OPTIONS = {  # "+option" suffixes of a --precision entry
     "fused": ["model.modulation_fusion=true"],
     "paopt": ["precision.precision_aware_optimizer=true"],
     "qkrope": ["model.qk_norm_rope_fusion=true"],
-    "mlpfuse": ["model.mlp_fusion=true"],
 }
 
 

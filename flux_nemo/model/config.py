@@ -74,11 +74,6 @@ class FluxConfig(TransformerConfig):
     direction (``flux_nemo.model.fusions.qk_norm_rope``) instead of the spec's norm modules and RoPE function.
     Same math and roundings, same parameters; a performance switch."""
 
-    mlp_fusion: bool = False
-    """Run each MLP (fc1 + bias, GELU, fc2 + bias) through Transformer Engine's fusible operations
-    (``flux_nemo.model.te_mlp``): under FP8 the GELU writes fc2's FP8 input and dGELU + dbias + cast is one kernel.
-    ``te`` backend and tensor_model_parallel_size 1 only. Same math and parameters; a performance switch."""
-
     ##################
     # Megatron fields with Flux defaults
     ##################
@@ -121,11 +116,6 @@ class FluxConfig(TransformerConfig):
             raise ValueError(
                 "FluxConfig.sequence_parallel needs tensor_model_parallel_size > 1 (it splits the tokens over the "
                 f"tensor-parallel ranks), got tensor_model_parallel_size={self.tensor_model_parallel_size}"
-            )
-        if self.mlp_fusion and self.tensor_model_parallel_size > 1:
-            raise ValueError(
-                "FluxConfig.mlp_fusion supports tensor_model_parallel_size=1 only, got "
-                f"{self.tensor_model_parallel_size} (the fused MLP has no tensor-parallel path here)"
             )
         self._check_recompute()  # before Megatron's checks, which assert on other module names
         super().__post_init__()

@@ -160,11 +160,6 @@ def build_flux(config: FluxConfig, backend: str = "local", block_runner: BlockRu
     (``Flux.init_weights``); on the meta device, call it after ``to_empty``. A single-process Megatron world is
     set up if none exists.
     """
-    if config.mlp_fusion and backend != "te":
-        raise ValueError(
-            f"FluxConfig.mlp_fusion runs the MLP as Transformer Engine operations: it needs the te backend, got "
-            f"backend={backend!r} (set model.backend=te, or model.mlp_fusion=false)"
-        )
     ensure_megatron_initialized()
     model = Flux(config, get_flux_spec(backend), block_runner=block_runner)
     if config.perform_initialization and not any(p.is_meta for p in model.parameters()):

@@ -29,18 +29,15 @@ from flux_nemo.model.blocks import (
     SingleStreamBlock,
 )
 from flux_nemo.model.embeddings import apply_interleaved_rope
-from flux_nemo.model.te_mlp import TEFluxMLP
 
 
-def _flux_submodules(
-    attention: FluxAttentionSubmodules, mlp: MLPSubmodules, mlp_cls: type = FluxMLP
-) -> FluxSubmodules:
+def _flux_submodules(attention: FluxAttentionSubmodules, mlp: MLPSubmodules) -> FluxSubmodules:
     def block(block_cls: type, attention_cls: type) -> ModuleSpec:
         return ModuleSpec(
             module=block_cls,
             submodules=BlockSubmodules(
                 self_attention=ModuleSpec(module=attention_cls, submodules=attention),
-                mlp=ModuleSpec(module=mlp_cls, submodules=mlp),
+                mlp=ModuleSpec(module=FluxMLP, submodules=mlp),
             ),
         )
 
@@ -69,8 +66,7 @@ def get_flux_local_spec() -> FluxSubmodules:
 
 
 def get_flux_te_spec() -> FluxSubmodules:
-    """Transformer Engine linears (FP8-capable), TE fused attention, TE RMSNorm, TE fused RoPE, and an MLP that
-    can run as TE fusible operations (``FluxConfig.mlp_fusion``).
+    """Transformer Engine linears (FP8-capable), TE fused attention, TE RMSNorm and TE fused RoPE.
 
     Raises:
         ImportError: if Transformer Engine is not installed.
@@ -96,8 +92,9 @@ def get_flux_te_spec() -> FluxSubmodules:
         k_layernorm=TENorm,
         apply_rope=functools.partial(fused_rope_or_torch, fused_apply_rotary_pos_emb),
     )
-    mlp = MLPSubmodules(linear_fc1=TEColumnParallelLinear, linear_fc2=TERowParallelLinear)
-    return _flux_submodules(attention, mlp, mlp_cls=TEFluxMLP)
+    return _flux_submodules(
+        attention, MLPSubmodules(linear_fc1=TEColumnParallelLinear, linear_fc2=TERowParallelLinear)
+    )
 
 
 def fused_rope_or_torch(fused: Callable | None, t: Tensor, freqs: Tensor) -> Tensor:

@@ -35,7 +35,6 @@ class ModelConfig:
     qkv_bias: bool | None = None
     modulation_fusion: bool | None = None  # fused LayerNorm+modulate / gated residuals (torch.compile)
     qk_norm_rope_fusion: bool | None = None  # fused QK RMSNorm + RoPE (torch.compile)
-    mlp_fusion: bool | None = None  # MLP through Transformer Engine's fusible ops (te backend, TP 1)
 
 
 @dataclass

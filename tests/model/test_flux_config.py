@@ -162,9 +162,3 @@ def test_config_pickles_and_copies():
             and clone.num_layers == c.num_layers
             and clone.activation_func is c.activation_func
         )
-
-
-def test_mlp_fusion_needs_one_tensor_parallel_rank():
-    with pytest.raises(ValueError, match=r"FluxConfig\.mlp_fusion supports tensor_model_parallel_size=1"):
-        FluxConfig.from_flavor("tiny", mlp_fusion=True, tensor_model_parallel_size=2)
-    assert FluxConfig.from_flavor("tiny", mlp_fusion=True).mlp_fusion

@@ -108,29 +108,3 @@ def test_fused_ops_serve_many_shapes_without_hitting_the_recompile_limit():
             torch.testing.assert_close(
                 ops.norm_modulate(x, shift, scale, 1e-6), EAGER.norm_modulate(x, shift, scale, 1e-6)
             )
-
-
-def test_mlp_fusion_needs_the_te_backend(megatron_world):
-    with pytest.raises(
-        ValueError, match=r"FluxConfig\.mlp_fusion .* needs the te backend, got backend='local'"
-    ):
-        build_flux(FluxConfig.from_flavor("tiny", mlp_fusion=True), backend="local")
-
-
-def test_te_mlp_without_fusion_is_the_module_path(megatron_world):
-    """``TEFluxMLP`` (the ``te`` spec's MLP) with ``mlp_fusion`` off computes ``FluxMLP`` exactly; built here
-    with the local spec's linears, so it runs without Transformer Engine (imported only by the fused path)."""
-    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-    from megatron.core.transformer.mlp import MLPSubmodules
-
-    from flux_nemo.model.blocks import FluxMLP
-    from flux_nemo.model.te_mlp import TEFluxMLP
-
-    config = FluxConfig.from_flavor("tiny")
-    submodules = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
-    torch.manual_seed(0)
-    plain, te_mlp = randomize_(FluxMLP(config, submodules)), TEFluxMLP(config, submodules)
-    te_mlp.load_state_dict(plain.state_dict())
-    x = torch.randn(8, 2, config.hidden_size)
-    assert torch.equal(te_mlp(x), plain(x))
-    assert te_mlp._fused == ()  # nothing of TE was built
