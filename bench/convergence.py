@@ -7,7 +7,9 @@ number of steps with the target disabled, once per (precision, seed), and prints
     python bench/convergence.py --runs bf16:1 bf16:2 fp8_delayed:1 fp8_current:1 --steps 768 --gpus 4
     python bench/convergence.py --runs fp8_current:1 fp8_current+graph:1 --steps 512 --gpus 2
 
-A run is ``precision[+graph]:seed``; ``+graph`` trains with ``parallel.cuda_graph=full_iteration``.
+A run is ``precision[+option...]:seed``: ``graph`` (``parallel.cuda_graph=full_iteration``) or an option of
+``bench/options.py`` (``paopt``, ``bf16adam``, ``bf16grad``, ...). Several runs may share one GPU:
+``CUDA_VISIBLE_DEVICES=0,0 ... --gpus 2``.
 
 All runs use the same layer implementation (``--backend``, Transformer Engine by default since FP8 needs it), so
 the curves differ only by precision and seed. With ``--gpus N`` up to N runs go at once, one GPU each; every run
@@ -24,6 +26,11 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.options import OPTIONS as RECIPE_OPTIONS  # noqa: E402
+
+OPTIONS = {"graph": ["parallel.cuda_graph=full_iteration"], **RECIPE_OPTIONS}
 
 
 def read_log(path: Path) -> tuple[dict[int, float], dict[int, float]]:
@@ -56,8 +63,8 @@ def main() -> None:
     for i, run in enumerate(args.runs):
         variant, seed = run.split(":")
         precision, *options = variant.split("+")
-        if any(o != "graph" for o in options):
-            parser.error(f"--runs {run}: expected precision[+graph]:seed")
+        if any(o not in OPTIONS for o in options):
+            parser.error(f"--runs {run}: expected precision[+option...]:seed, options from {list(OPTIONS)}")
         work = args.out / f"{variant}_{seed}"
         log = args.out / f"{variant}_{seed}.txt"
         log.unlink(missing_ok=True)
@@ -66,7 +73,7 @@ def main() -> None:
             "mlperf.target=0.0", f"mlperf.log_file={log}", f"model.backend={args.backend}",
             f"data.train_path={work}/data/train", f"data.eval_path={work}/data/eval",
             f"data.empty_encodings_path={work}/data/empty_encodings", f"exp_manager.exp_dir={work}/nemo",
-        ] + (["parallel.cuda_graph=full_iteration"] if options else [])  # fmt: skip
+        ] + [o for option in options for o in OPTIONS[option]]  # fmt: skip
         env = os.environ | {"MASTER_PORT": str(29500 + i)}  # concurrent runs: one rendezvous port each
         if args.gpus:  # the i-th run takes the (i mod N)-th of the visible GPUs
             env["CUDA_VISIBLE_DEVICES"] = gpus[i % args.gpus]

@@ -14,7 +14,9 @@ the step shrinks for both.
 
 A ``--precision`` entry is a precision (``conf/precision``) with optional ``+`` options: ``fused``
 (``model.modulation_fusion=true``), ``paopt`` (``precision.precision_aware_optimizer=true``), ``qkrope``
-(``model.qk_norm_rope_fusion=true``).
+(``model.qk_norm_rope_fusion=true``), ``bf16grad`` (bf16 gradient buffers and reduction, as ``--grad-reduce-bf16``
+for one entry; with ``paopt`` Adam reads them directly), ``bf16adam`` (``precision.adam_moments_dtype=bf16``, needs
+``paopt``).
 
 Prints ms/step (median), samples/s, model TFLOP/s per GPU (0.3574 TFLOP per block per sample at 256 + 256
 tokens, MLPerf accounting) and peak memory, then a table with the ratio to the first peer row.
@@ -38,16 +40,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.options import OPTIONS  # noqa: E402
 from bench.peer_diffusers import build_peer, peer_batch, peer_step  # noqa: E402
 
 TFLOP_PER_BLOCK = 0.3574  # per sample, fwd + bwd, 256 image + 256 text tokens
 RANK = int(os.environ.get("RANK", "0"))
 PRECISIONS = ("bf16", "fp8_delayed", "fp8_current", "fp8_block")  # conf/precision/*.yaml
-OPTIONS = {  # "+option" suffixes of a --precision entry
-    "fused": ["model.modulation_fusion=true"],
-    "paopt": ["precision.precision_aware_optimizer=true"],
-    "qkrope": ["model.qk_norm_rope_fusion=true"],
-}
 
 
 def variant(text: str) -> str:
@@ -110,6 +108,7 @@ def build_ours(args, precision: str):
     opt_config = megatron_optimizer_config(
         1e-4, compute_dtype(cfg), cfg.parallel.use_distributed_optimizer,
         precision_aware=cfg.precision.precision_aware_optimizer,
+        moments_dtype=cfg.precision.adam_moments_dtype,
         overlap_param_gather=cfg.parallel.overlap_param_gather,
     )  # fmt: skip
     return model, build_megatron_optimizer([model], opt_config)
@@ -229,7 +228,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument(
-        "--precision", nargs="+", default=["bf16"], type=variant, help="precision[+fused][+paopt][+qkrope]"
+        "--precision",
+        nargs="+",
+        default=["bf16"],
+        type=variant,
+        help="precision[+option...], options: " + " ".join(OPTIONS),
     )
     parser.add_argument("--peer", nargs="*", default=["eager"], choices=["eager", "compile"])
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (run under torchrun)")

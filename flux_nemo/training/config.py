@@ -77,6 +77,10 @@ class PrecisionConfig:
     # the same kernel (no separate master -> param copy). Master weights, grads and Adam state stay fp32, so the
     # numerics are the standard mixed-precision ones. GPU, distributed optimizer only.
     precision_aware_optimizer: bool = False
+    # dtype of the Adam moments (exp_avg, exp_avg_sq): "fp32" (the reference) or "bf16" (half the optimizer-state
+    # traffic and memory; a precision change against the reference's fp32 AdamW state, so convergence has to be
+    # shown against the RCPs). bf16 needs precision_aware_optimizer=true (TE FusedAdam keeps them).
+    adam_moments_dtype: str = "fp32"
     # MLPerf 6.1 disclosure keys (lowest precision in linear layers, attention, communication)
     mlperf_linear: str = "bfloat16"
     mlperf_attn: str = "bfloat16"
@@ -284,6 +288,7 @@ def check_run_config(cfg: DictConfig) -> None:
     resolve_lr_warmup(cfg)
     check_data_kind(cfg)
     check_precision_disclosure(cfg.precision)
+    check_optimizer_precision(cfg.precision)
     devices, nodes = cfg.trainer.devices, cfg.trainer.num_nodes
     if isinstance(devices, int) and isinstance(nodes, int) and devices > 0 and nodes > 0:
         check_batch_sizes(cfg, data_parallel_size(cfg, devices * nodes))
@@ -307,3 +312,20 @@ def check_precision_disclosure(prec: DictConfig) -> None:
                 f"precision.{key}={prec[key]!r} is logged to MLPerf but the run uses {want!r} ({because}): "
                 f"set precision.{key}={want}"
             )
+
+
+ADAM_MOMENTS_DTYPES = ("fp32", "bf16")
+
+
+def check_optimizer_precision(prec: DictConfig) -> None:
+    """``precision.adam_moments_dtype`` is a dtype we implement, and bf16 moments have the optimizer that keeps
+    them (Megatron's precision-aware optimizer, i.e. TE FusedAdam)."""
+    if prec.adam_moments_dtype not in ADAM_MOMENTS_DTYPES:
+        raise ValueError(
+            f"precision.adam_moments_dtype={prec.adam_moments_dtype!r}; expected one of {ADAM_MOMENTS_DTYPES}"
+        )
+    if prec.adam_moments_dtype != "fp32" and not prec.precision_aware_optimizer:
+        raise ValueError(
+            f"precision.adam_moments_dtype={prec.adam_moments_dtype} needs precision.precision_aware_optimizer=true "
+            "(Transformer Engine's FusedAdam keeps non-fp32 moments)"
+        )

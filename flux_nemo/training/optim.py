@@ -15,6 +15,8 @@ import torch
 
 from flux_nemo.mlperf import constants as C
 
+_MOMENTS_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
 
 def warmup_constant_lr(step: int, lr: float, warmup_steps: int) -> float:
     """Learning rate of optimizer step ``step`` (1-based): linear warmup over ``warmup_steps``, then constant."""
@@ -55,18 +57,30 @@ def megatron_optimizer_config(
     compute_dtype: torch.dtype,
     use_distributed_optimizer: bool,
     precision_aware: bool = False,
+    moments_dtype: str = "fp32",
     **kw,
 ):
     """``OptimizerConfig`` of the MLPerf AdamW (Megatron ``optimizer="adam"`` with decoupled weight decay).
 
     ``precision_aware``: Megatron's precision-aware optimizer with every optimizer tensor in fp32 and the full fp32
     master weights kept (``store_param_remainders=False``: no 16-bit remainder trick), so only the kernels change:
-    TE's FusedAdam updates the master weight and writes the bf16 parameter in one pass.
+    TE's FusedAdam updates the master weight and writes the bf16 parameter in one pass. ``moments_dtype="bf16"``
+    (precision-aware only) keeps Adam's exp_avg and exp_avg_sq in bf16: master weights stay fp32.
     """
     from megatron.core.optimizer import OptimizerConfig
 
+    if moments_dtype not in _MOMENTS_DTYPES:
+        raise ValueError(f"Adam moments dtype {moments_dtype!r}; expected one of {list(_MOMENTS_DTYPES)}")
+    if moments_dtype != "fp32" and not precision_aware:
+        raise ValueError(f"Adam moments in {moments_dtype} need the precision-aware optimizer")
     if precision_aware:
-        kw.update(use_precision_aware_optimizer=True, store_param_remainders=False)
+        moments = _MOMENTS_DTYPES[moments_dtype]
+        kw.update(
+            use_precision_aware_optimizer=True,
+            store_param_remainders=False,
+            exp_avg_dtype=moments,
+            exp_avg_sq_dtype=moments,
+        )
 
     return OptimizerConfig(
         optimizer="adam",

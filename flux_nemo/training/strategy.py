@@ -130,6 +130,7 @@ class MegatronStrategy(DDPStrategy):
                 module.dtype_compute,
                 self.cfg.parallel.use_distributed_optimizer,
                 precision_aware=self.cfg.precision.precision_aware_optimizer,
+                moments_dtype=self.cfg.precision.adam_moments_dtype,
                 overlap_param_gather=self.cfg.parallel.overlap_param_gather,
             )
             return build_megatron_optimizer([module.flux], config)

@@ -84,3 +84,41 @@ def test_precision_aware_optimizer_trains_like_the_standard_one(tiny_data, tmp_p
     print(f"standard {standard}\nprecision-aware {fused}")
     assert sorted(fused) == sorted(standard) == [1, 2, 3, 4, 5, 6]
     assert fused == pytest.approx(standard, rel=1e-4)
+
+
+def test_bf16_adam_moments_train_like_fp32_ones_and_resume(tiny_data, tmp_path):
+    """``precision.adam_moments_dtype=bf16``: TE FusedAdam keeps exp_avg and exp_avg_sq in bf16 (fp32 master
+    weights), the losses follow the fp32-moment run, and a run stopped at step 4 resumes from its Megatron
+    distributed checkpoint with the bf16 moments restored (same losses as the straight run)."""
+    pytest.importorskip("transformer_engine")
+    from flux_nemo.training.optim import inner_optimizers
+
+    paopt = ["precision.precision_aware_optimizer=true"]
+    ckpt = [
+        "exp_manager.create_checkpoint_callback=true",
+        "exp_manager.checkpoint_callback_params.every_n_train_steps=2",
+        "exp_manager.resume_if_exists=true",
+    ]
+
+    def run(name, exp, *extra):
+        logs = [f"mlperf.log_file={tmp_path}/{name}.txt", f"exp_manager.exp_dir={tmp_path}/{exp}"]
+        prepared = prepare(compose_cfg(*GPU, *tiny_data, *paopt, *logs, *extra))
+        prepared.fit()
+        return prepared, train_losses(prepared.module.cfg.mlperf.log_file)
+
+    _, fp32 = run("fp32", "fp32")
+    straight, bf16 = run("bf16", "bf16", "precision.adam_moments_dtype=bf16")
+    states = [s for o in inner_optimizers(straight.trainer.strategy.optimizers[0]) for s in o.state.values()]
+    assert states and {s["exp_avg"].dtype for s in states} == {s["exp_avg_sq"].dtype for s in states} == {
+        torch.bfloat16
+    }
+    assert {s["master_param"].dtype for s in states} == {torch.float32}
+    print(f"fp32 moments {fp32}\nbf16 moments {bf16}")
+    assert sorted(bf16) == sorted(fp32) == [1, 2, 3, 4, 5, 6]
+    assert bf16[1] == fp32[1]  # same init and batch: the moments only act from the first update on
+    assert bf16 == pytest.approx(fp32, rel=1e-2)
+
+    run("first", "resumed", "precision.adam_moments_dtype=bf16", *ckpt, "train.max_steps=4")
+    _, resumed = run("second", "resumed", "precision.adam_moments_dtype=bf16", *ckpt)
+    assert sorted(resumed) == [5, 6]
+    assert resumed == pytest.approx({k: bf16[k] for k in resumed}, rel=1e-3)

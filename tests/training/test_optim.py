@@ -54,3 +54,17 @@ def test_megatron_param_groups_decay_biases_and_norms(megatron_world):
     assert len(ours) == 1 and ours[0]["wd_mult"] == 1.0 and len(ours[0]["params"]) == 4
     default = _get_param_groups([model], config, None)
     assert {g["wd_mult"] for g in default} == {0.0, 1.0}  # Megatron's default would exempt them
+
+
+def test_megatron_config_refuses_adam_moments_it_cannot_keep():
+    """bf16 moments exist only in the precision-aware optimizer (TE FusedAdam); other dtypes are refused. (The
+    precision-aware config itself imports TE: the GPU test checks the moments' dtype in the optimizer state.)"""
+    from flux_nemo.training.optim import megatron_optimizer_config
+
+    with pytest.raises(ValueError, match="Adam moments in bf16 need the precision-aware optimizer"):
+        megatron_optimizer_config(1e-4, torch.bfloat16, True, moments_dtype="bf16")
+    with pytest.raises(ValueError, match=r"Adam moments dtype 'fp16'; expected one of \['fp32', 'bf16'\]"):
+        megatron_optimizer_config(1e-4, torch.bfloat16, True, precision_aware=True, moments_dtype="fp16")
+    config = megatron_optimizer_config(1e-4, torch.bfloat16, True)
+    assert not config.use_precision_aware_optimizer
+    assert config.exp_avg_dtype == config.exp_avg_sq_dtype == config.main_params_dtype == torch.float32

@@ -268,6 +268,11 @@ def test_a_nonfinite_validation_loss_aborts_the_run_with_a_checkpoint(tiny_data,
         (["parallel=tp2"], r"world size 1 is not a multiple of parallel\.tensor_model_parallel_size"),
         (["train.max_steps=0"], r"train\.max_steps must be >= 1"),
         (["precision.grad_reduce_in_fp32=false"], r"precision\.mlperf_comm='fp32' .* uses 'bfloat16'"),
+        (["precision.adam_moments_dtype=fp16"], r"precision\.adam_moments_dtype='fp16'; expected one of"),
+        (
+            ["precision.adam_moments_dtype=bf16"],
+            r"precision\.adam_moments_dtype=bf16 needs precision\.precision_aware_optimizer=true",
+        ),
         (
             ["precision.mlperf_linear=fp8"],
             r"precision\.mlperf_linear='fp8' .* uses 'bfloat16' \(precision\.fp8=None",
