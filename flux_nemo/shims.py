@@ -9,6 +9,8 @@ Megatron-Core 0.16 is written for CUDA. It runs on a CPU-only machine when:
   * sequence parallelism runs its collectives through the device-agnostic functions and linear subclasses at the
     end of this module (Megatron's allocate their buffers on the current CUDA device).
 Megatron DDP and ``get_megatron_optimizer`` are CUDA-only; ``flux_nemo.training`` keeps them on the GPU path.
+On the GPU path, a distributed-optimizer checkpoint of the precision-aware optimizer loads only through
+:func:`loadable_optimizer_state` (Megatron 0.16.1 hands a bucket's ``padding`` flag to TE's FusedAdam).
 
 Nothing here modifies a library object: these are plain functions and subclasses over public APIs.
 """
@@ -228,3 +230,33 @@ SEQUENCE_PARALLEL_LINEARS = {
     tensor_parallel.ColumnParallelLinear: SequenceParallelColumnLinear,
     tensor_parallel.RowParallelLinear: SequenceParallelRowLinear,
 }
+
+
+# ---------------------------------------------------------------- distributed-optimizer checkpoint loading
+class _BucketEntry(dict):
+    """One entry of a loaded ``dp_reshardable`` bucket: ``entry["padding"]`` still answers Megatron's padding
+    filter, while ``items()`` leaves the flag out (see :func:`loadable_optimizer_state`)."""
+
+    def items(self):
+        return [(k, v) for k, v in super().items() if k != "padding"]
+
+
+def loadable_optimizer_state(state):
+    """A Megatron distributed-optimizer state dict, as ``dist_checkpointing.load`` returns it, made loadable by
+    the precision-aware optimizer; changed in place and returned.
+
+    Megatron-Core 0.16.1 loads a ``dp_reshardable`` state by dropping the bucket entries flagged ``padding`` and
+    handing each remaining entry to ``_set_main_param_and_optimizer_states``. With the precision-aware optimizer
+    that walks ``entry.items()`` and passes every key, the boolean ``padding`` flag included, to Transformer
+    Engine's ``FusedAdam.set_scaled_state``, which fails (``'bool' object has no attribute 'dtype'``). The standard
+    optimizer path looks its keys up by name and is unaffected. Each entry that carries a boolean ``padding`` flag
+    becomes a :class:`_BucketEntry`; the tensors are not copied.
+    """
+    if isinstance(state, dict):
+        for key, value in state.items():
+            state[key] = loadable_optimizer_state(value)
+        if isinstance(state.get("padding"), bool) and not isinstance(state, _BucketEntry):
+            return _BucketEntry(state)
+    elif isinstance(state, list):
+        state[:] = [loadable_optimizer_state(v) for v in state]
+    return state

@@ -26,6 +26,8 @@ from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from nemo.utils.model_utils import ckpt_to_dir
 
+from flux_nemo.shims import loadable_optimizer_state
+
 log = logging.getLogger(__name__)
 
 _LIGHTNING_TENSOR_KEYS = ("state_dict", "optimizer_states")
@@ -151,7 +153,7 @@ def load(strategy, checkpoint_path) -> dict:
         if not (path / "metadata.json").exists():
             raise FileNotFoundError(f"not a Megatron distributed checkpoint (no metadata.json): {path}")
         state = dist_checkpointing.load(megatron_sharded_state_dict(strategy, None, True), str(path))
-        strategy.optimizers[0].load_state_dict(state["optimizer"])
+        strategy.optimizers[0].load_state_dict(loadable_optimizer_state(state["optimizer"]))
     else:
         if not (path / _CPU_FILE).exists():
             raise FileNotFoundError(f"not a flux-nemo CPU checkpoint (no {_CPU_FILE}): {path}")
