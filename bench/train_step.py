@@ -87,8 +87,9 @@ def compose_config(args, entry: str, *extra: str):
         "model.backend=te", f"precision={precision}", f"parallel.recompute={args.recompute}",
         f"parallel.tensor_model_parallel_size={args.tp}",
         f"train.micro_batch_size={args.mbs}", f"parallel.sequence_parallel={args.sp}",
-        f"precision.grad_reduce_in_fp32={not args.grad_reduce_bf16}",
     ]  # fmt: skip
+    if args.grad_reduce_bf16:  # every entry, as its +bf16grad option would
+        overrides += OPTIONS["bf16grad"]
     if args.bucket_size:
         overrides.append(f"parallel.bucket_size={args.bucket_size}")
     overrides += [o for option in options for o in OPTIONS[option]] + list(extra)

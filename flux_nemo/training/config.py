@@ -15,6 +15,8 @@ from hydra.core.config_store import ConfigStore
 from nemo.utils.exp_manager import CallbackParams, ExpManagerConfig
 from omegaconf import MISSING, DictConfig
 
+from flux_nemo.training.optim import MOMENTS_DTYPES
+
 
 @dataclass
 class ModelConfig:
@@ -314,15 +316,13 @@ def check_precision_disclosure(prec: DictConfig) -> None:
             )
 
 
-ADAM_MOMENTS_DTYPES = ("fp32", "bf16")
-
-
 def check_optimizer_precision(prec: DictConfig) -> None:
     """``precision.adam_moments_dtype`` is a dtype we implement, and bf16 moments have the optimizer that keeps
-    them (Megatron's precision-aware optimizer, i.e. TE FusedAdam)."""
-    if prec.adam_moments_dtype not in ADAM_MOMENTS_DTYPES:
+    them (Megatron's precision-aware optimizer, i.e. TE FusedAdam). The dtypes are ``optim.MOMENTS_DTYPES``, which
+    ``megatron_optimizer_config`` also checks for callers that bypass the run config (the benchmarks)."""
+    if prec.adam_moments_dtype not in MOMENTS_DTYPES:
         raise ValueError(
-            f"precision.adam_moments_dtype={prec.adam_moments_dtype!r}; expected one of {ADAM_MOMENTS_DTYPES}"
+            f"precision.adam_moments_dtype={prec.adam_moments_dtype!r}; expected one of {tuple(MOMENTS_DTYPES)}"
         )
     if prec.adam_moments_dtype != "fp32" and not prec.precision_aware_optimizer:
         raise ValueError(

@@ -15,7 +15,8 @@ import torch
 
 from flux_nemo.mlperf import constants as C
 
-_MOMENTS_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# precision.adam_moments_dtype -> the Adam moments' torch dtype (bf16 only with the precision-aware optimizer)
+MOMENTS_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def warmup_constant_lr(step: int, lr: float, warmup_steps: int) -> float:
@@ -69,12 +70,12 @@ def megatron_optimizer_config(
     """
     from megatron.core.optimizer import OptimizerConfig
 
-    if moments_dtype not in _MOMENTS_DTYPES:
-        raise ValueError(f"Adam moments dtype {moments_dtype!r}; expected one of {list(_MOMENTS_DTYPES)}")
+    if moments_dtype not in MOMENTS_DTYPES:
+        raise ValueError(f"Adam moments dtype {moments_dtype!r}; expected one of {list(MOMENTS_DTYPES)}")
     if moments_dtype != "fp32" and not precision_aware:
         raise ValueError(f"Adam moments in {moments_dtype} need the precision-aware optimizer")
     if precision_aware:
-        moments = _MOMENTS_DTYPES[moments_dtype]
+        moments = MOMENTS_DTYPES[moments_dtype]
         kw.update(
             use_precision_aware_optimizer=True,
             store_param_remainders=False,
