@@ -12,6 +12,12 @@ The model stays free of training concerns; ``block_runner(cfg)`` composes what `
 * ``precision.fp8=delayed|current|block``: each block runs under Transformer Engine's ``fp8_autocast`` with that
   recipe (Hopper: per-tensor delayed or current scaling, or 1x128 block scaling; not MXFP8), amax reduced over the
   data- and context-parallel group. Embedders, modulation and the final layer stay bf16, as in NVIDIA's recipe.
+* Delayed scaling inside a full-iteration CUDA graph capture: Transformer Engine updates the backward scales from
+  the first FP8 module's backward of each ``fp8_autocast`` (the block's last TE backward), except while it is told
+  a graph is being captured (``flux_nemo.training.cuda_graph.transformer_engine_capture``), where it leaves that to
+  the graph's owner (its own ``make_graphed_callables`` does it after replaying a backward graph). So during a
+  capture the runner routes the block's inputs through :func:`after_backward`, which makes the same update once
+  the block's backward is done, and the graph records it: the replays update the scales as the eager step does.
 """
 
 from __future__ import annotations
@@ -42,6 +48,49 @@ def fp8_recipe(precision: DictConfig):
     if precision.fp8 == "current":
         return recipe.Float8CurrentScaling(fp8_format=fmt)
     return recipe.Float8BlockScaling(fp8_format=fmt)
+
+
+class _AfterBackward(torch.autograd.Function):
+    """Identity on some tensors; ``fn()`` runs in the backward pass once all of their gradients are computed."""
+
+    @staticmethod
+    def forward(ctx, fn, *tensors):
+        ctx.fn = fn
+        return tuple(t.view_as(t) for t in tensors)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        ctx.fn()
+        return (None, *grads)
+
+
+def after_backward(fn: Callable[[], None], *args):
+    """``args`` unchanged, except that ``fn()`` runs once in the backward pass when every tensor among them that
+    requires grad has its gradient; for the inputs of a block, that is after the whole backward of the block. A
+    plain pass-through when autograd is off or no argument requires grad."""
+    grads = [i for i, a in enumerate(args) if torch.is_tensor(a) and a.requires_grad]
+    if not grads or not torch.is_grad_enabled():
+        return args
+    out, outputs = list(args), _AfterBackward.apply(fn, *(args[i] for i in grads))
+    for i, t in zip(grads, outputs, strict=True):
+        out[i] = t
+    return tuple(out)
+
+
+def _delayed_scaling_in_capture() -> Callable:
+    """``wrap(args)`` for a block's inputs: during a Transformer Engine graph capture, :func:`after_backward` with
+    TE's backward amax reduction and scale update (what its first FP8 module's backward skips then); otherwise the
+    arguments unchanged (TE makes the update itself)."""
+    from transformer_engine.pytorch.fp8 import FP8GlobalStateManager
+    from transformer_engine.pytorch.graph import is_graph_capturing
+
+    def update() -> None:
+        FP8GlobalStateManager.reduce_and_update_fp8_tensors(forward=False)
+
+    def wrap(args: tuple) -> tuple:
+        return after_backward(update, *args) if is_graph_capturing() else args
+
+    return wrap
 
 
 def _fp8_context(precision: DictConfig) -> Callable:
@@ -95,8 +144,12 @@ def block_runner(cfg: DictConfig) -> Callable | None:
     context = _fp8_context(cfg.precision) if cfg.precision.fp8 is not None else None
     if not recompute and context is None:
         return None
+    in_capture = _delayed_scaling_in_capture() if cfg.precision.fp8 == "delayed" else None
 
     def run(block, *args):
+        if in_capture is not None:
+            args = in_capture(args)
+
         def call(*inputs):
             if context is None:
                 return block(*inputs)

@@ -5,7 +5,7 @@ import torch
 from tiny_run import compose_cfg
 
 from flux_nemo import flow_matching as fm
-from flux_nemo.training.block_runner import block_runner, validate
+from flux_nemo.training.block_runner import after_backward, block_runner, validate
 from flux_nemo.training.model_builder import build_model, flux_config
 
 
@@ -80,3 +80,44 @@ def test_unsupported_options_fail_naming_the_key(overrides, key):
     if "recompute" in key:  # the model config is built from these keys too
         with pytest.raises(ValueError, match=key.replace(".", r"\.")):
             flux_config(cfg)
+
+
+class _Recorded(torch.autograd.Function):
+    """``x * 2`` whose backward writes "block" into ``log`` (stands for a block's backward)."""
+
+    @staticmethod
+    def forward(ctx, x, log):
+        ctx.log = log
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.log.append("block")
+        return grad * 2, None
+
+
+def test_after_backward_runs_once_after_the_block_backward_and_keeps_gradients():
+    """What the delayed-scaling update in a graph capture relies on: ``fn`` runs once per backward, after every
+    gradient of the block's inputs is computed, and the gradients are those of the plain block."""
+    x, y, pe = torch.randn(3, requires_grad=True), torch.randn(3, requires_grad=True), torch.randn(3)
+    log = []
+
+    def block(a, b, c, scale):
+        return (_Recorded.apply(a, log) * b + c * scale).sum()
+
+    block(x, y, pe, 3.0).backward()
+    plain = (x.grad.clone(), y.grad.clone())
+    x.grad = y.grad = None
+    log.clear()
+    args = after_backward(lambda: log.append("fn"), x, y, pe, 3.0)
+    assert args[2] is pe and args[3] == 3.0  # no grad required: passed through as they are
+    block(*args).backward()
+    assert log == ["block", "fn"]
+    assert torch.equal(x.grad, plain[0]) and torch.equal(y.grad, plain[1])
+
+
+def test_after_backward_passes_through_without_autograd():
+    x = torch.randn(3, requires_grad=True)
+    with torch.no_grad():
+        assert after_backward(lambda: None, x)[0] is x
+    assert after_backward(lambda: None, torch.randn(3), 1)[1] == 1
