@@ -266,7 +266,7 @@ def main() -> None:
     if args.cuda_graph:  # as the recipe does before building the model (flux_nemo.training.cuda_graph)
         from flux_nemo.training import cuda_graph
 
-        for entry in args.precision:  # the recipe's own check of what graphs support (fp8_delayed is refused)
+        for entry in args.precision:  # the recipe's own check of what graphs support
             try:
                 cuda_graph.validate(compose_config(args, entry, "parallel.cuda_graph=full_iteration"))
             except ValueError as err:
