@@ -52,6 +52,20 @@ def test_fp8_recipes_are_not_rejected(precision):
     assert "precision.fp8" not in str(err.value)
 
 
+@pytest.mark.parametrize("steps, warned", [(2, True), (1, False)])
+def test_fp8_graphs_warn_about_the_evaluation_capture(caplog, steps, warned):
+    """The open problem of FP8 + graphs + a warmup that captures the evaluation graph is named at start."""
+    cfg = compose_cfg(
+        GRAPH, "model.backend=te", "precision=fp8_current", f"train.synthetic_warmup_steps={steps}"
+    )
+    with (
+        caplog.at_level("WARNING", logger=cuda_graph.log.name),
+        pytest.raises(ValueError, match="needs CUDA"),
+    ):
+        cuda_graph.validate(cfg)
+    assert ("train.synthetic_warmup_steps=2: the evaluation graph" in caplog.text) == warned
+
+
 def test_module_validates_at_construction():
     """The recipe builds the module before anything runs: a CPU run with graphs fails there, naming the key."""
     from flux_nemo.training.module import FluxTrainingModule
