@@ -63,7 +63,7 @@ def test_fp8_graphs_warn_about_the_evaluation_capture(caplog, steps, warned):
         pytest.raises(ValueError, match="needs CUDA"),
     ):
         cuda_graph.validate(cfg)
-    assert ("train.synthetic_warmup_steps=2: the evaluation graph" in caplog.text) == warned
+    assert ("the evaluation graph is captured on a warmup batch" in caplog.text) == warned
 
 
 def test_module_validates_at_construction():

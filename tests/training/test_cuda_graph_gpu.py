@@ -59,6 +59,7 @@ def _train(name, tiny_data, tmp_path, *extra):
         for k, v in unwrap(run.module.flux).state_dict().items()
         if torch.is_tensor(v) and not k.endswith("_extra_state")
     }
+    # Copied now: TE's global amax buffers keep this run's modules, so later runs in the process roll their histories.
     weights.update(_delayed_scaling_state(run.module))
     return run.module, train_losses(cfg.mlperf.log_file), [value for _, value in result.evals], weights
 
