@@ -77,15 +77,6 @@ def validate(cfg: DictConfig) -> None:
             "docs/PERFORMANCE.md)",
             key,
         )
-    if cfg.precision.fp8 is not None and cfg.train.synthetic_warmup_steps >= 2:
-        log.warning(
-            "%s with precision.fp8 and train.synthetic_warmup_steps=%d: the evaluation graph is captured on a warmup "
-            "batch, where the FP8 weight refresh is off, so evaluations may run on the FP8 weights from before the "
-            "last optimizer update (docs/DESIGN.md, 'CUDA graphs', open problem); with "
-            "train.synthetic_warmup_steps=1 it is captured on the first evaluation batch, with the refresh on",
-            key,
-            cfg.train.synthetic_warmup_steps,
-        )
     if cfg.parallel.sequence_parallel and _backend(cfg) == "local":
         raise ValueError(
             f"{key} does not support parallel.sequence_parallel=true with model.backend=local: Megatron's local "

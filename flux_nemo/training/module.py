@@ -63,6 +63,7 @@ class FluxTrainingModule(pl.LightningModule):
         self._train_loader = None
         self.train_graph: cuda_graph.GraphedStep | None = None  # parallel.cuda_graph=full_iteration
         self.eval_graph: cuda_graph.GraphedStep | None = None
+        self._quantize_in_next_eval_batch = False  # FP8: the next evaluation batch casts the updated weights
         self._reset_train_metrics()
         self._reset_eval_metrics()
 
@@ -225,6 +226,7 @@ class FluxTrainingModule(pl.LightningModule):
         # FP8: the first eval batch quantizes the current weights, the others reuse that copy.
         if self.cfg.precision.fp8:
             refresh_fp8_weights(self.flux)
+            self._quantize_in_next_eval_batch = True
 
     def on_validation_epoch_end(self) -> None:
         set_rng_state(self._rng_before_eval)
@@ -250,10 +252,19 @@ class FluxTrainingModule(pl.LightningModule):
         return torch.where(valid, per_sample.double(), 0.0).sum(), valid.sum()
 
     def validation_step(self, batch, batch_idx):
-        if self.eval_graph is not None:
-            total, count = self.eval_graph(batch)
-        else:
+        """Add one batch to the evaluation sums; with graphs, every batch but an FP8 evaluation's first replays.
+
+        The first batch of an FP8 evaluation casts the updated weights into the FP8 copies the linears keep (TE
+        updates that workspace in place), and the later batches read them. A graph replays what its capture saw, so
+        it can do only one of the two; the evaluation graph does the reading (captured with the cast off, e.g. on a
+        synthetic warmup batch), and the first batch runs eagerly (on the graph's stream), as in the eager run.
+        """
+        eager = self.eval_graph is None or self._quantize_in_next_eval_batch
+        self._quantize_in_next_eval_batch = False
+        if eager:
             total, count = self.eval_sums(self._to_device(batch))
+        else:
+            total, count = self.eval_graph(batch)
         self._eval_sum += total
         self._eval_count += count
 

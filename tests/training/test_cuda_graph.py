@@ -52,18 +52,36 @@ def test_fp8_recipes_are_not_rejected(precision):
     assert "precision.fp8" not in str(err.value)
 
 
-@pytest.mark.parametrize("steps, warned", [(2, True), (1, False)])
-def test_fp8_graphs_warn_about_the_evaluation_capture(caplog, steps, warned):
-    """The open problem of FP8 + graphs + a warmup that captures the evaluation graph is named at start."""
-    cfg = compose_cfg(
-        GRAPH, "model.backend=te", "precision=fp8_current", f"train.synthetic_warmup_steps={steps}"
-    )
-    with (
-        caplog.at_level("WARNING", logger=cuda_graph.log.name),
-        pytest.raises(ValueError, match="needs CUDA"),
-    ):
-        cuda_graph.validate(cfg)
-    assert ("the evaluation graph is captured on a warmup batch" in caplog.text) == warned
+@pytest.mark.parametrize("precision, first", [("fp8_current", "eager"), ("bf16", "graph")])
+def test_fp8_evaluations_cast_the_weights_in_an_eager_first_batch(precision, first):
+    """A graphed evaluation replays only the batches that read the FP8 weight copies: the first batch of each FP8
+    evaluation, which casts the updated weights, runs eagerly; synthetic warmup batches (no evaluation started)
+    and every bf16 batch replay. The capture itself and the evaluation losses: test_cuda_graph_gpu.py."""
+    from flux_nemo.training.module import FluxTrainingModule
+
+    module = FluxTrainingModule(compose_cfg("model.backend=te", f"precision={precision}"))
+    module.flux = torch.nn.Linear(2, 2)
+    module.flux.is_first_microbatch = False  # what refresh_fp8_weights sets, as on a TE linear
+    calls = []
+
+    def record(kind):
+        def step(batch):
+            calls.append((kind, module.flux.is_first_microbatch))
+            module.flux.is_first_microbatch = False  # a TE linear clears it after casting
+            return torch.ones((), dtype=torch.float64), torch.ones((), dtype=torch.int64)
+
+        return step
+
+    module.eval_graph, module.eval_sums = record("graph"), record("eager")
+    batch = {"mean": torch.zeros(1)}
+    module.validation_step(batch, 0)  # a synthetic warmup batch
+    for _ in range(2):
+        module.on_validation_epoch_start()
+        for i in range(3):
+            module.validation_step(batch, i)
+    fp8 = precision != "bf16"
+    assert calls == [("graph", False)] + [(first, fp8), ("graph", False), ("graph", False)] * 2
+    assert module._eval_count.item() == 3  # the last evaluation's batches
 
 
 def test_module_validates_at_construction():
