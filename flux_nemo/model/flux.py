@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -20,7 +21,8 @@ from flux_nemo.model.init import init_flux_weights
 from flux_nemo.model.specs import get_flux_spec
 from flux_nemo.shims import ensure_megatron_initialized
 
-# ``block_runner(block, *args)`` runs one block; training code uses it for recompute or an FP8 context.
+# ``block_runner(block, *args)`` runs one block; training code uses it for recompute or an FP8 context. A runner
+# with a ``blocks()`` method (a context manager) has it entered once around all blocks of a forward.
 BlockRunner = Callable[..., object]
 
 
@@ -43,7 +45,8 @@ class Flux(MegatronModule):
         config: the model configuration.
         submodules: block specs (see ``flux_nemo.model.specs``).
         block_runner: optional ``fn(block, *args)`` that runs each block (default: ``block(*args)``); the
-            hook for activation recompute, FP8 contexts or CUDA graphs, so those stay out of the model.
+            hook for activation recompute, FP8 contexts or CUDA graphs, so those stay out of the model. If it has
+            a ``blocks()`` method, the forward enters that context once around all blocks (one FP8 autocast).
             It may also be set later through the ``block_runner`` attribute.
     """
 
@@ -114,17 +117,23 @@ class Flux(MegatronModule):
             img = sp.scatter_tokens(img, self.config)  # [s_img / tp, b, h]
             txt = sp.scatter_tokens(txt, self.config)  # [s_txt / tp, b, h]
 
-        for block in self.double_blocks:
-            img, txt = self.run_block(block, img, txt, vec, pe)
-        x = torch.cat([txt, img], dim=0)  # [s_txt + s_img, b, h] (sequence parallel: this rank's slices)
-        for block in self.single_blocks:
-            x = self.run_block(block, x, vec, single_pe)
+        with self.blocks_scope():
+            for block in self.double_blocks:
+                img, txt = self.run_block(block, img, txt, vec, pe)
+            x = torch.cat([txt, img], dim=0)  # [s_txt + s_img, b, h] (sequence parallel: this rank's slices)
+            for block in self.single_blocks:
+                x = self.run_block(block, x, vec, single_pe)
         img = x[txt.shape[0] :]  # [s_img, b, h]
         if seq_par:
             img = sp.gather_tokens(img)  # [s_img, b, h]: the final layer runs on every token on every rank
 
         img = self.final_layer(img, vec)  # [s_img, b, in_channels]
         return img.transpose(0, 1)  # [b, s_img, in_channels]
+
+    def blocks_scope(self) -> contextlib.AbstractContextManager:
+        """The context around all blocks: the runner's ``blocks()`` if it has one, else nothing."""
+        blocks = getattr(self.block_runner, "blocks", None)
+        return contextlib.nullcontext() if blocks is None else blocks()
 
     def run_block(self, block: nn.Module, *args: Tensor):
         """Run one block, through ``block_runner`` if set."""

@@ -9,20 +9,29 @@ The model stays free of training concerns; ``block_runner(cfg)`` composes what `
   ``parallel.recompute_modules`` names (``core_attn``, ``mlp``, ``norm``), through Megatron's
   ``recompute_granularity="selective"`` / ``recompute_modules`` config fields (``flux_nemo.model.recompute``);
   ``model_builder.flux_config`` sets the fields from :func:`selective_recompute_modules`.
-* ``precision.fp8=delayed|current|block``: each block runs under Transformer Engine's ``fp8_autocast`` with that
+* ``precision.fp8=delayed|current|block``: the blocks run under Transformer Engine's ``fp8_autocast`` with that
   recipe (Hopper: per-tensor delayed or current scaling, or 1x128 block scaling; not MXFP8), amax reduced over the
   data- and context-parallel group. Embedders, modulation and the final layer stay bf16, as in NVIDIA's recipe.
-* Delayed scaling inside a full-iteration CUDA graph capture: Transformer Engine updates the backward scales from
-  the first FP8 module's backward of each ``fp8_autocast`` (the block's last TE backward), except while it is told
-  a graph is being captured (``flux_nemo.training.cuda_graph.transformer_engine_capture``), where it leaves that to
-  the graph's owner (its own ``make_graphed_callables`` does it after replaying a backward graph). So during a
-  capture the runner routes the block's inputs through :func:`after_backward`, which makes the same update once
-  the block's backward is done, and the graph records it: the replays update the scales as the eager step does.
+  Current and block scaling enter it per block. Delayed scaling enters it once around all blocks
+  (:meth:`BlockRunner.blocks`), as Megatron-Core's ``TransformerBlock`` does for that recipe: Transformer Engine
+  keeps the amax histories of every module under one recipe in one buffer, and reduces (over the amax group) and
+  rolls all of them at each ``fp8_autocast`` exit and after the backward of each autocast's first FP8 module. Per
+  block that is 2N updates of all N blocks' histories per micro-batch, so the history window
+  (``precision.fp8_amax_history_len``) spans 1/N as many micro-batches as it says, and the cost grows as N². With
+  ``parallel.recompute=block`` the context stays per block, inside the recomputed function.
+* Delayed scaling inside a full-iteration CUDA graph capture: Transformer Engine updates the backward scales after
+  the backward of the first FP8 module of each ``fp8_autocast`` (the last TE backward under it), except while it is
+  told a graph is being captured (``flux_nemo.training.cuda_graph.transformer_engine_capture``), where it leaves
+  that to the graph's owner (its own ``make_graphed_callables`` does it after replaying a backward graph). So
+  during a capture the runner routes the inputs of the first block under each ``fp8_autocast`` through
+  :func:`after_backward`, which makes the same update once that block's backward is done, and the graph records
+  it: the replays update the scales as the eager step does.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 from omegaconf import DictConfig
@@ -137,30 +146,55 @@ def validate(cfg: DictConfig) -> None:
         )
 
 
-def block_runner(cfg: DictConfig) -> Callable | None:
-    """``fn(block, *args)`` for ``Flux.block_runner``, or None when blocks run plainly."""
+class BlockRunner:
+    """``runner(block, *args)`` runs one block (recompute and/or the FP8 context); ``with runner.blocks():`` is
+    what ``Flux.forward`` enters once around all its blocks (the FP8 context of delayed scaling, else nothing)."""
+
+    def __init__(self, recompute: bool, context: Callable | None, outer: bool, in_capture: Callable | None):
+        self.recompute = recompute
+        self.context = context  # the FP8 autocast factory, or None
+        self.outer = outer  # the context wraps all blocks (blocks()) instead of each block
+        self.in_capture = in_capture  # delayed scaling: wraps the inputs of an autocast's first block
+        self._first_pending = False
+
+    @contextlib.contextmanager
+    def blocks(self) -> Iterator[None]:
+        if not self.outer:
+            yield
+            return
+        self._first_pending = True
+        try:
+            with self.context():
+                yield
+        finally:
+            self._first_pending = False
+
+    def __call__(self, block, *args):
+        if self.in_capture is not None and (self._first_pending or not self.outer):
+            self._first_pending = False
+            args = self.in_capture(args)
+
+        def call(*inputs):
+            if self.context is None or self.outer:
+                return block(*inputs)
+            with self.context():
+                return block(*inputs)
+
+        if self.recompute and block.training:
+            return checkpoint(call, *args, use_reentrant=False)
+        return call(*args)
+
+
+def block_runner(cfg: DictConfig) -> BlockRunner | None:
+    """The :class:`BlockRunner` for ``Flux.block_runner``, or None when blocks run plainly."""
     validate(cfg)
     recompute = cfg.parallel.recompute == "block"
     context = _fp8_context(cfg.precision) if cfg.precision.fp8 is not None else None
     if not recompute and context is None:
         return None
-    in_capture = _delayed_scaling_in_capture() if cfg.precision.fp8 == "delayed" else None
-
-    def run(block, *args):
-        if in_capture is not None:
-            args = in_capture(args)
-
-        def call(*inputs):
-            if context is None:
-                return block(*inputs)
-            with context():
-                return block(*inputs)
-
-        if recompute and block.training:
-            return checkpoint(call, *args, use_reentrant=False)
-        return call(*args)
-
-    return run
+    delayed = cfg.precision.fp8 == "delayed"
+    in_capture = _delayed_scaling_in_capture() if delayed else None
+    return BlockRunner(recompute, context, outer=delayed and not recompute, in_capture=in_capture)
 
 
 def refresh_fp8_weights(model: torch.nn.Module) -> None:

@@ -1,5 +1,7 @@
 """Block and selective recompute give the same loss and gradients; unsupported options fail naming the key."""
 
+import contextlib
+
 import pytest
 import torch
 from tiny_run import compose_cfg
@@ -121,3 +123,43 @@ def test_after_backward_passes_through_without_autograd():
     with torch.no_grad():
         assert after_backward(lambda: None, x)[0] is x
     assert after_backward(lambda: None, torch.randn(3), 1)[1] == 1
+
+
+@pytest.mark.parametrize("outer", [True, False])
+def test_runner_enters_the_fp8_context_around_all_blocks_or_per_block(megatron_world, outer):
+    """Delayed scaling (``outer``): one context per forward around all blocks, and the capture wrap on the first
+    block's inputs only; current/block scaling and block recompute: the context and the wrap on every block. The
+    model's output is the plain one either way (the context here only counts)."""
+    from flux_nemo.training.block_runner import BlockRunner
+    from flux_nemo.training.data import record_shapes
+    from flux_nemo.training.warmup import synthetic_batch
+
+    cfg = compose_cfg()
+    events = []
+
+    @contextlib.contextmanager
+    def context():
+        events.append("enter")
+        yield
+        events.append("exit")
+
+    def in_capture(args):
+        events.append("wrap")
+        return args
+
+    torch.manual_seed(0)
+    model = build_model(cfg, torch.device("cpu"))
+    for name, block in [*model.double_blocks.named_children(), *model.single_blocks.named_children()]:
+        block.register_forward_pre_hook(lambda *_, name=name: events.append("block"))
+    batch = synthetic_batch(record_shapes(cfg, flux_config(cfg)), 4, torch.device("cpu"))
+    inputs = fm.training_inputs(batch, (batch["t5"][:1] * 0, batch["clip"][:1] * 0), torch.float32)
+    plain = model(*inputs[:6])
+    events.clear()
+    model.block_runner = BlockRunner(False, context, outer=outer, in_capture=in_capture)
+    for _ in range(2):  # a second forward (micro-batch) enters again and wraps its first block again
+        torch.testing.assert_close(model(*inputs[:6]), plain, rtol=0, atol=0)
+    blocks = len(model.double_blocks) + len(model.single_blocks)
+    per_forward = ["enter"] + ["wrap", "block"] + ["block"] * (blocks - 1) + ["exit"]
+    if not outer:
+        per_forward = ["wrap", "enter", "block", "exit"] * blocks
+    assert blocks >= 2 and events == per_forward * 2
