@@ -25,8 +25,8 @@ FP8 delayed scaling is graphed too. Its per-tensor amax histories and scales are
 adds them to ``FP8GlobalStateManager``'s amax buffers on its first eager forward (skipped while a capture is under
 way, so the eager warm-up calls before the capture are what register every module), and the update (concatenate,
 amax all-reduce, TE's fused history roll + scale kernel) is plain device work launched from Python: at each
-``fp8_autocast`` exit (forward) and, for the backward, by the block runner after each block's backward
-(``flux_nemo.training.block_runner``: TE skips its own backward update while :func:`transformer_engine_capture` says
+``fp8_autocast`` exit (forward) and, for the backward, by the block runner after the backward of the first block
+under each autocast (``flux_nemo.training.block_runner``: TE skips its own backward update while :func:`transformer_engine_capture` says
 a capture is under way). The capture records those launches over the registered buffers, so each replay updates
 the scales as an eager step does (GPU test: the same amax-history pattern and scales as eager).
 """
