@@ -26,9 +26,10 @@ adds them to ``FP8GlobalStateManager``'s amax buffers on its first eager forward
 way, so the eager warm-up calls before the capture are what register every module), and the update (concatenate,
 amax all-reduce, TE's fused history roll + scale kernel) is plain device work launched from Python: at each
 ``fp8_autocast`` exit (forward) and, for the backward, by the block runner after the backward of the first block
-under each autocast (``flux_nemo.training.block_runner``: TE skips its own backward update while :func:`transformer_engine_capture` says
-a capture is under way). The capture records those launches over the registered buffers, so each replay updates
-the scales as an eager step does (GPU test: the same amax-history pattern and scales as eager).
+under each autocast (``flux_nemo.training.block_runner``: TE skips its own backward update while
+:func:`transformer_engine_capture` says a capture is under way). The capture records those launches over the
+registered buffers, so each replay updates the scales as an eager step does (GPU test: the same amax-history
+pattern and scales as eager).
 """
 
 from __future__ import annotations
