@@ -34,25 +34,16 @@ FUSED = (
     "model.modulation_fusion=true",
     "model.qk_norm_rope_fusion=true",
 )  # torch.compile'd kernels in the graph
-CASES = [
-    ("local", "bf16", ()),
-    ("local", "bf16", FUSED),
-    ("te", "bf16", ()),
-    ("te", "fp8_delayed", ()),
-    ("te", "fp8_current", ()),
-    ("te", "fp8_block", ()),
+CASES = [  # (backend, precision, extra overrides), with the test id
+    pytest.param("local", "bf16", (), id="local-bf16"),
+    pytest.param("local", "bf16", FUSED, id="local-bf16-fused"),
+    pytest.param("te", "bf16", (), id="te-bf16"),
+    pytest.param("te", "fp8_delayed", (), id="te-fp8_delayed"),
+    pytest.param("te", "fp8_current", (), id="te-fp8_current"),
+    pytest.param("te", "fp8_block", (), id="te-fp8_block"),
     # The default warmup: both graphs are captured on synthetic batches, the evaluation graph with the FP8 weight
     # cast off; evaluations must still see the weights of the last update (their first batch casts them eagerly).
-    ("te", "fp8_current", ("train.synthetic_warmup_steps=2",)),
-]
-CASE_IDS = [
-    "local-bf16",
-    "local-bf16-fused",
-    "te-bf16",
-    "te-fp8_delayed",
-    "te-fp8_current",
-    "te-fp8_block",
-    "te-fp8_current-warmup2",
+    pytest.param("te", "fp8_current", ("train.synthetic_warmup_steps=2",), id="te-fp8_current-warmup2"),
 ]
 
 
@@ -121,7 +112,7 @@ def _max_rel_diff(a: dict, b: dict) -> float:
     return max(abs(a[k] - b[k]) / max(abs(b[k]), 1e-12) for k in b)
 
 
-@pytest.mark.parametrize("backend, precision, extra", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("backend, precision, extra", CASES)
 def test_full_iteration_graphs_train_like_eager(tiny_data, tmp_path, backend, precision, extra):
     """The eager run twice (its run-to-run spread), then with graphs.
 
