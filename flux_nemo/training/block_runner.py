@@ -210,3 +210,41 @@ def refresh_fp8_weights(model: torch.nn.Module) -> None:
     for module in model.modules():  # ~1k modules for the full model: well under a millisecond per step
         if hasattr(module, "is_first_microbatch"):
             module.is_first_microbatch = True
+
+
+def _delayed_scaling_states(model: torch.nn.Module) -> Iterator[tuple[str, object]]:
+    """``(name, state)`` of every FP8 delayed-scaling state (TE's ``fp8_meta["scaling_fwd"|"scaling_bwd"]``: an
+    ``amax_history`` and a ``scale``) in ``model``; none for bf16, current or block scaling, or the local spec."""
+    for name, module in model.named_modules():
+        meta = getattr(module, "fp8_meta", None) or {}
+        for direction in ("scaling_fwd", "scaling_bwd"):
+            state = meta.get(direction)
+            if getattr(state, "amax_history", None) is not None:
+                yield f"{name}.{direction}", state
+
+
+@contextlib.contextmanager
+def delayed_scaling_kept(model: torch.nn.Module) -> Iterator[None]:
+    """FP8 delayed scaling's amax histories and scales are the same after the block as before it.
+
+    The synthetic warmup (``flux_nemo.training.warmup``) runs inside this: its amaxes would otherwise stay in the
+    histories for ``precision.fp8_amax_history_len`` micro-batches and set the scales of the first real steps. A
+    state that existed before (a resumed run's, from the checkpoint) gets its values back; one that TE created
+    during the block (on a module's first FP8 forward) gets TE's initial values, zero histories and scales of 1.0,
+    as a fresh run's first step sees them. Tensors change in place: TE's global amax buffers, which hold them, and
+    CUDA graphs captured in the block, which read and write them, keep working.
+    """
+    before = {name: (s.amax_history.clone(), s.scale.clone()) for name, s in _delayed_scaling_states(model)}
+    yield
+    with torch.no_grad():
+        for name, state in _delayed_scaling_states(model):
+            history, scale = before.get(name, (None, None))
+            if history is None:
+                state.amax_history.zero_()
+                state.scale.fill_(1.0)
+                continue
+            # TE truncates or zero-pads a history when the recipe's length changed (a resume with another length)
+            rows = min(len(history), len(state.amax_history))
+            state.amax_history.zero_()
+            state.amax_history[:rows].copy_(history[:rows])
+            state.scale.copy_(scale)

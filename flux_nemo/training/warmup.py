@@ -2,13 +2,15 @@
 
 They compile kernels and capture graphs; the optimizer runs them with learning rate and weight decay 0 (AdamW's
 update is then exactly zero), and afterwards its state, param-group entries, the gradients and every RNG are put
-back, so the weights and the optimizer are exactly as before (the rules allow no training before run_start).
+back, so the weights and the optimizer are exactly as before (the rules allow no training before run_start). FP8
+delayed scaling's amax histories and scales are put back too, so no synthetic amax sets a real step's scale.
 """
 
 from __future__ import annotations
 
 import torch
 
+from flux_nemo.training.block_runner import delayed_scaling_kept
 from flux_nemo.training.checkpoint import rng_state, set_rng_state
 from flux_nemo.training.optim import inner_optimizers
 
@@ -44,7 +46,8 @@ def _clone_state(state) -> dict:
 
 
 def run_warmup(module, steps: int) -> None:
-    """``steps`` synthetic train steps and eval steps that leave weights, optimizer and RNG unchanged."""
+    """``steps`` synthetic train steps and eval steps that leave weights, optimizer, RNG and FP8 scaling state
+    unchanged."""
     if steps <= 0:
         return
     strategy = module.trainer.strategy
@@ -55,17 +58,18 @@ def run_warmup(module, steps: int) -> None:
         group["lr"], group["weight_decay"] = 0.0, 0.0
     train_batch = synthetic_batch(module.shapes, module.local_batch_size, module.device)
     eval_batch = synthetic_batch(module.shapes, module.cfg.train.eval_micro_batch_size, module.device)
-    for _ in range(steps):
-        module.forward_backward(train_batch)
-        strategy.optimizer_step(optimizer, closure=lambda: None)
-    module._reset_eval_metrics()  # accumulators on the module's device (created before it was moved)
-    module.flux.eval()
-    strategy.eval_mode(True)
-    with torch.no_grad():
+    with delayed_scaling_kept(module.flux):
         for _ in range(steps):
-            module.validation_step(eval_batch, 0)
-    strategy.eval_mode(False)
-    module.flux.train()
+            module.forward_backward(train_batch)
+            strategy.optimizer_step(optimizer, closure=lambda: None)
+        module._reset_eval_metrics()  # accumulators on the module's device (created before it was moved)
+        module.flux.eval()
+        strategy.eval_mode(True)
+        with torch.no_grad():
+            for _ in range(steps):
+                module.validation_step(eval_batch, 0)
+        strategy.eval_mode(False)
+        module.flux.train()
     for inner, state in zip(inner_optimizers(optimizer), states, strict=True):
         inner.state.clear()
         inner.state.update(state)

@@ -163,3 +163,39 @@ def test_runner_enters_the_fp8_context_around_all_blocks_or_per_block(megatron_w
     if not outer:
         per_forward = ["wrap", "enter", "block", "exit"] * blocks
     assert blocks >= 2 and events == per_forward * 2
+
+
+class _DelayedState:
+    """The two tensors of TE's ``DelayedScalingRecipeState`` that delayed scaling updates."""
+
+    def __init__(self, history: torch.Tensor, scale: torch.Tensor):
+        self.amax_history, self.scale = history, scale
+
+
+def test_delayed_scaling_kept_restores_states_in_place_and_resets_new_ones():
+    """A state present before the block gets its values back (a resumed run's), in the same tensors; one created
+    inside it (TE creates them on a module's first FP8 forward) gets TE's initial zero history and unit scale; a
+    history whose length TE changed meanwhile gets the old rows that fit. Modules without FP8 state are skipped."""
+    from flux_nemo.training.block_runner import delayed_scaling_kept
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    old = torch.arange(8.0).view(4, 2)
+    model[0].fp8_meta = {"scaling_fwd": _DelayedState(old.clone(), torch.tensor([2.0, 3.0]))}
+    model[2].fp8_meta = {"scaling_bwd": _DelayedState(torch.tensor([[1.0], [2.0]]), torch.tensor([4.0]))}
+    fwd = model[0].fp8_meta["scaling_fwd"]
+    history_tensor, scale_tensor = fwd.amax_history, fwd.scale
+    with delayed_scaling_kept(model):
+        fwd.amax_history.add_(7.0)  # the warmup's amaxes and scale updates
+        fwd.scale.mul_(5.0)
+        model[1].fp8_meta = {
+            "recipe": None,
+            "scaling_fwd": _DelayedState(torch.full((4, 2), 9.0), torch.ones(2) * 8),
+        }
+        model[2].fp8_meta["scaling_bwd"] = _DelayedState(torch.full((3, 1), 9.0), torch.tensor([6.0]))
+    assert fwd.amax_history is history_tensor and fwd.scale is scale_tensor
+    assert torch.equal(fwd.amax_history, old) and torch.equal(fwd.scale, torch.tensor([2.0, 3.0]))
+    new = model[1].fp8_meta["scaling_fwd"]
+    assert torch.equal(new.amax_history, torch.zeros(4, 2)) and torch.equal(new.scale, torch.ones(2))
+    resized = model[2].fp8_meta["scaling_bwd"]
+    assert torch.equal(resized.amax_history, torch.tensor([[1.0], [2.0], [0.0]]))
+    assert torch.equal(resized.scale, torch.tensor([4.0]))

@@ -217,3 +217,25 @@ def test_graphed_fp8_evaluations_read_the_weights_they_evaluate(tiny_data, tmp_p
     # read the FP8 copies cast before the scaling (the tiny model's zero-initialised gates damp the blocks' effect)
     assert len(eager_evals) == 2 and rel <= 1e-5, f"graphed evaluations differ from eager by {rel:.2e}"
     assert module.eval_graph.captured and module.eval_graph.replays == 1 + 4  # warmup call 2; 2 of 3 per eval
+
+
+@pytest.mark.parametrize("graphs", [(), ("parallel.cuda_graph=full_iteration",)], ids=["eager", "graphed"])
+def test_the_synthetic_warmup_leaves_no_amax_in_the_delayed_scaling_state(tiny_data, tmp_path, graphs):
+    """FP8 delayed scaling after the default 2-step synthetic warmup (train and evaluation batches, the graphs
+    captured on them) against a run without warmup: the amax histories hold the same number of updates (a
+    warmup amax left behind is an extra non-zero row for ``precision.fp8_amax_history_len`` micro-batches) and the
+    scales agree."""
+    pytest.importorskip("transformer_engine")
+    spec = ("model.backend=te", "precision=fp8_delayed")
+    _, cold, _, cold_w = _train("cold", tiny_data, tmp_path, *spec, "train.synthetic_warmup_steps=0")
+    _, warm, _, warm_w = _train("warm", tiny_data, tmp_path, *spec, *graphs, "train.synthetic_warmup_steps=2")
+    histories = [k for k in cold_w if k.endswith("#amax_history")]
+    assert histories and sorted(k for k in warm_w if "#" in k) == sorted(k for k in cold_w if "#" in k)
+    extra_rows = {k: int((warm_w[k] != 0).any(1).sum() - (cold_w[k] != 0).any(1).sum()) for k in histories}
+    print(f"losses without warmup {cold}\nwith warmup {warm}\nextra non-zero history rows: "
+          f"{sorted(set(extra_rows.values()))}")  # fmt: skip
+    for k in histories:
+        assert torch.equal(warm_w[k] != 0, cold_w[k] != 0), (
+            f"{k}: {extra_rows[k]} more updates than without warmup"
+        )
+    _check_delayed_scaling(cold_w, warm_w)

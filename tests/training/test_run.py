@@ -2,6 +2,7 @@
 
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -141,14 +142,26 @@ def test_warmup_and_eval_padding(tiny_data, run_dirs):
     module, trainer = prepared.module, prepared.trainer
     optimizer = trainer.strategy.optimizers[0]
     weights = {k: v.clone() for k, v in module.flux.state_dict().items() if torch.is_tensor(v)}
-    state = {id(p): {k: v.clone() for k, v in s.items()} for p, s in optimizer.state.items()}
+    opt_state = {id(p): {k: v.clone() for k, v in s.items()} for p, s in optimizer.state.items()}
     groups = [dict(g, params=None) for g in optimizer.param_groups]
+    # FP8 delayed scaling's state, as TE keeps it on a module (TE itself is GPU-only): each warmup forward records
+    # an amax and moves the scale; afterwards both are as before the warmup
+    linear = module.flux.double_blocks[0].img_mlp.linear_fc1
+    state = SimpleNamespace(amax_history=torch.zeros(4, 3), scale=torch.ones(3))
+    linear.fp8_meta = {"scaling_fwd": state}
+
+    def record_amax(*_):
+        state.amax_history.add_(1.0)
+        state.scale.mul_(2.0)
+
+    linear.register_forward_hook(record_amax)
     run_warmup(module, 2)
+    assert torch.equal(state.amax_history, torch.zeros(4, 3)) and torch.equal(state.scale, torch.ones(3))
     for k, v in weights.items():
         assert torch.equal(module.flux.state_dict()[k], v), k
     for p, s in optimizer.state.items():
         for k, v in s.items():
-            assert torch.equal(v, state[id(p)][k]), k
+            assert torch.equal(v, opt_state[id(p)][k]), k
     assert [dict(g, params=None) for g in optimizer.param_groups] == groups
 
     batch = synthetic_batch(module.shapes, 8, module.device)
