@@ -213,6 +213,13 @@ class FluxTrainingModule(pl.LightningModule):
         self._reset_train_metrics()
         return {"loss": loss, "grad_norm": grad_norm}
 
+    def on_fit_start(self) -> None:
+        """The metric accumulators, created on the CPU before Lightning moved the module, go to its device (the
+        synthetic warmup, when there is one, has already done this; without it a GPU run failed at its first
+        step)."""
+        self._reset_train_metrics()
+        self._reset_eval_metrics()
+
     # ------------------------------------------------------------------ evaluation
     def _reset_eval_metrics(self) -> None:
         device = self.device if self.flux is not None else None
