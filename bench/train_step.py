@@ -30,6 +30,7 @@ import functools
 import gc
 import json
 import os
+import re
 import statistics
 import sys
 import traceback
@@ -40,6 +41,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import gpu_idle  # noqa: E402
 from bench.options import OPTIONS  # noqa: E402
 from bench.peer_diffusers import build_peer, peer_batch, peer_step  # noqa: E402
 
@@ -159,12 +161,17 @@ def graphed_forward_backward(model, micro_batches: int):
 
 def our_step(model, optimizer, batch, fwd_bwd):
     """One optimizer step: ``fwd_bwd(batch)`` (eager or graphed), then the optimizer (clip + AdamW)."""
+    from torch.profiler import record_function
+
     from flux_nemo.training.block_runner import refresh_fp8_weights
 
-    refresh_fp8_weights(model)  # the training step does this too: FP8 weights are re-quantized every step
-    optimizer.zero_grad()
-    loss = fwd_bwd(batch)
-    optimizer.step()
+    with record_function("refresh_fp8_weights + zero_grad"):
+        refresh_fp8_weights(model)  # the training step does this too: FP8 weights are re-quantized every step
+        optimizer.zero_grad()
+    with record_function("forward_backward"):
+        loss = fwd_bwd(batch)
+    with record_function("optimizer.step"):
+        optimizer.step()
     return loss
 
 
@@ -201,22 +208,33 @@ def measure(name, step, args, blocks: int) -> dict:
     if RANK == 0:
         print(json.dumps(row), flush=True)
     if args.profile:
-        profile(name, step, args.profile)
+        profile(
+            name,
+            step,
+            args.profile,
+            args.trace
+            and args.trace.with_name(f"{args.trace.stem}-{re.sub('[^A-Za-z0-9._-]', '_', name)}.json"),
+        )
     return row
 
 
-def profile(name: str, step, steps: int) -> None:
-    """Top GPU kernels (and NCCL) over ``steps`` more steps, by total CUDA time, from the torch profiler."""
+def profile(name: str, step, steps: int, trace: Path | None = None) -> None:
+    """Top GPU kernels (and NCCL) over ``steps`` more steps, by total CUDA time, from the torch profiler; then the
+    GPU's idle time and its longest idle intervals (``bench/gpu_idle.py``); the Chrome trace to ``trace``."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+    with torch_profile(activities=activities, with_stack=trace is not None) as prof:
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
     if RANK == 0:
         print(f"# profile of {name}, {steps} steps (times are totals over them)")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70))
+        gpu_idle.report(prof, steps)
+        if trace:
+            prof.export_chrome_trace(str(trace))
 
 
 def main() -> None:
@@ -253,6 +271,9 @@ def main() -> None:
         help="capture zero-grad + forward/backward + grad sync in a CUDA graph",
     )
     parser.add_argument("--profile", type=int, default=0, help="after timing, profile this many steps")
+    parser.add_argument(
+        "--trace", type=Path, help="with --profile: Chrome traces, one per row, named after this"
+    )
     parser.add_argument("--json", type=Path, help="write all rows here")
     args = parser.parse_args()
     if args.cuda_graph and args.warmup < 3:  # else the capture itself lands among the timed steps
