@@ -19,7 +19,9 @@ for one entry; with ``paopt`` Adam reads them directly), ``bf16adam`` (``precisi
 ``paopt``).
 
 Prints ms/step (median), samples/s, model TFLOP/s per GPU (0.3574 TFLOP per block per sample at 256 + 256
-tokens, MLPerf accounting) and peak memory, then a table with the ratio to the first peer row.
+tokens, MLPerf accounting) and peak memory, then a table with the ratio to the first peer row. ``--profile N``
+profiles N more steps of each row: the top kernels, then the GPU's idle time per step and its longest idle
+intervals (``bench/gpu_idle.py``); ``--trace PATH`` also writes each row's Chrome trace.
 """
 
 from __future__ import annotations
@@ -272,7 +274,10 @@ def main() -> None:
     )
     parser.add_argument("--profile", type=int, default=0, help="after timing, profile this many steps")
     parser.add_argument(
-        "--trace", type=Path, help="with --profile: Chrome traces, one per row, named after this"
+        "--trace",
+        type=Path,
+        help="with --profile: Chrome traces with Python stacks, one per row, named after this (the stacks slow the "
+        "host, so host-bound idle intervals look longer than without --trace)",
     )
     parser.add_argument("--json", type=Path, help="write all rows here")
     args = parser.parse_args()
