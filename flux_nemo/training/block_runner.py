@@ -212,7 +212,7 @@ def refresh_fp8_weights(model: torch.nn.Module) -> None:
             module.is_first_microbatch = True
 
 
-def _delayed_scaling_states(model: torch.nn.Module) -> Iterator[tuple[str, object]]:
+def delayed_scaling_states(model: torch.nn.Module) -> Iterator[tuple[str, object]]:
     """``(name, state)`` of every FP8 delayed-scaling state (TE's ``fp8_meta["scaling_fwd"|"scaling_bwd"]``: an
     ``amax_history`` and a ``scale``) in ``model``; none for bf16, current or block scaling, or the local spec."""
     for name, module in model.named_modules():
@@ -234,10 +234,10 @@ def delayed_scaling_kept(model: torch.nn.Module) -> Iterator[None]:
     as a fresh run's first step sees them. Tensors change in place: TE's global amax buffers, which hold them, and
     CUDA graphs captured in the block, which read and write them, keep working.
     """
-    before = {name: (s.amax_history.clone(), s.scale.clone()) for name, s in _delayed_scaling_states(model)}
+    before = {name: (s.amax_history.clone(), s.scale.clone()) for name, s in delayed_scaling_states(model)}
     yield
     with torch.no_grad():
-        for name, state in _delayed_scaling_states(model):
+        for name, state in delayed_scaling_states(model):
             history, scale = before.get(name, (None, None))
             if history is None:
                 state.amax_history.zero_()

@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from tiny_run import compose_cfg, train_losses
 
+from flux_nemo.training.block_runner import delayed_scaling_states
 from flux_nemo.training.checkpoint import unwrap
 from flux_nemo.training.run import prepare
 
@@ -74,13 +75,9 @@ def _delayed_scaling_state(module) -> dict[str, torch.Tensor]:
     """FP8 delayed scaling's scales and amax histories of every TE module (``...#scale``, ``...#amax_history``);
     empty for the other recipes, whose quantizers keep no state across steps."""
     state = {}
-    for name, m in unwrap(module.flux).named_modules():
-        meta = getattr(m, "fp8_meta", None) or {}
-        for direction in ("scaling_fwd", "scaling_bwd"):
-            recipe_state = meta.get(direction)
-            if getattr(recipe_state, "amax_history", None) is not None:
-                state[f"{name}.{direction}#scale"] = recipe_state.scale.detach().float().cpu()
-                state[f"{name}.{direction}#amax_history"] = recipe_state.amax_history.detach().float().cpu()
+    for name, recipe_state in delayed_scaling_states(unwrap(module.flux)):
+        state[f"{name}#scale"] = recipe_state.scale.detach().float().cpu()
+        state[f"{name}#amax_history"] = recipe_state.amax_history.detach().float().cpu()
     return state
 
 
