@@ -39,6 +39,7 @@ import traceback
 from pathlib import Path
 
 import torch
+from torch.profiler import record_function
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -163,8 +164,6 @@ def graphed_forward_backward(model, micro_batches: int):
 
 def our_step(model, optimizer, batch, fwd_bwd):
     """One optimizer step: ``fwd_bwd(batch)`` (eager or graphed), then the optimizer (clip + AdamW)."""
-    from torch.profiler import record_function
-
     from flux_nemo.training.block_runner import refresh_fp8_weights
 
     with record_function("refresh_fp8_weights + zero_grad"):
