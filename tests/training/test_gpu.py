@@ -122,3 +122,42 @@ def test_bf16_adam_moments_train_like_fp32_ones_and_resume(tiny_data, tmp_path):
     _, resumed = run("second", "resumed", "precision.adam_moments_dtype=bf16", *ckpt)
     assert sorted(resumed) == [5, 6]
     assert resumed == pytest.approx({k: bf16[k] for k in resumed}, rel=1e-3)
+
+
+@pytest.mark.parametrize("grad_reduce_in_fp32", [True, False], ids=["fp32-grads", "bf16-grads"])
+def test_gradient_accumulation_fusion_trains_like_autograd_accumulation(
+    tiny_data, tmp_path, grad_reduce_in_fp32
+):
+    """``parallel.gradient_accumulation_fusion``: TE's linears and the adaLN modulation linears (``flux_nemo.model
+    .adaln``) add their weight gradients straight into Megatron DDP's ``main_grad`` over the 2 micro-batches of
+    each step. The run follows the one where autograd writes ``.grad`` and DDP's hook adds it: same losses, and
+    every trained weight (the modulations included: a dropped or doubled gradient would move them differently)
+    within bf16 rounding of the other run's."""
+    pytest.importorskip("transformer_engine")
+
+    def run(name, fusion):
+        prepared = prepare(
+            compose_cfg(
+                *GPU[:-1],
+                "model.backend=te",
+                *tiny_data,
+                f"parallel.gradient_accumulation_fusion={fusion}",
+                f"precision.grad_reduce_in_fp32={grad_reduce_in_fp32}",
+                f"mlperf.log_file={tmp_path}/{name}.txt",
+                f"exp_manager.exp_dir={tmp_path}/{name}",
+            )  # fmt: skip
+        )
+        prepared.fit()
+        weights = {n: p.detach().float().clone() for n, p in prepared.module.flux.named_parameters()}
+        return train_losses(prepared.module.cfg.mlperf.log_file), weights
+
+    plain_losses, plain = run("plain", "false")
+    fused_losses, fused = run("fused", "true")
+    print(f"plain {plain_losses}\nfused {fused_losses}")
+    assert sorted(fused_losses) == sorted(plain_losses) == [1, 2, 3, 4, 5, 6]
+    assert fused_losses == pytest.approx(plain_losses, rel=1e-3)
+    errors = {n: ((fused[n] - w).norm() / w.norm().clamp_min(1e-12)).item() for n, w in plain.items()}
+    worst = sorted(errors.items(), key=lambda kv: -kv[1])[:3]
+    print(f"worst relative weight differences {worst}")
+    assert any(".img_mod.linear.weight" in n for n in errors)
+    assert max(errors.values()) < 1e-2, worst
