@@ -154,6 +154,8 @@ class _FluxAttention(MegatronModule):
         return linear, q_norm, k_norm
 
     def _build_proj(self, submodules: FluxAttentionSubmodules, bias: bool):
+        """The output projection. It returns ``(out, bias)`` with the bias unadded: the block adds it in its fused
+        gated residual (``flux_nemo.model.fusions``)."""
         return build_module(
             submodules.linear_proj,
             self.config.hidden_size,
@@ -162,7 +164,7 @@ class _FluxAttention(MegatronModule):
             init_method=self.config.output_layer_init_method,
             bias=bias,
             input_is_parallel=True,
-            skip_bias_add=False,
+            skip_bias_add=True,
             is_expert=False,
             tp_comm_buffer_name="proj",
         )
@@ -206,8 +208,11 @@ class JointSelfAttention(_FluxAttention):
         self.img_linear_proj = self._build_proj(submodules, bias=True)
         self.txt_linear_proj = self._build_proj(submodules, bias=True)
 
-    def forward(self, img: Tensor, txt: Tensor, pe: Tensor) -> tuple[Tensor, Tensor]:
-        """Modulated ``img [s_img, b, h]``, ``txt [s_txt, b, h]``, RoPE angles ``pe`` -> (img, txt) outputs."""
+    def forward(
+        self, img: Tensor, txt: Tensor, pe: Tensor
+    ) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+        """Modulated ``img [s_img, b, h]``, ``txt [s_txt, b, h]``, RoPE angles ``pe`` -> the img and the txt output,
+        each as ``(projection without its bias, bias [h])``."""
         # pe: the angles of the joint sequence, text first, so each stream's are one end of it.
         img_angles, txt_angles = (lambda n: pe[pe.shape[0] - n :]), (lambda n: pe[:n])
         img_qkv = self._project_qkv(
@@ -220,7 +225,7 @@ class JointSelfAttention(_FluxAttention):
         attn = self._attend(q, k, v, pe)  # [s, b, h / tp]
         # Split at the projected lengths: under sequence parallelism img/txt are shards and q/k/v the gathered whole.
         txt_attn, img_attn = attn.split([txt_qkv[0].shape[0], img_qkv[0].shape[0]], dim=0)
-        return linear_out(self.img_linear_proj, img_attn), linear_out(self.txt_linear_proj, txt_attn)
+        return self.img_linear_proj(img_attn), self.txt_linear_proj(txt_attn)
 
 
 class SelfAttention(_FluxAttention):
@@ -237,4 +242,5 @@ class SelfAttention(_FluxAttention):
     def forward(self, x: Tensor, pe: Tensor) -> Tensor:
         """Modulated ``x [s, b, h]`` -> attention output ``[s, b, h]`` (no bias)."""
         q, k, v = self._project_qkv(x, self.linear_qkv, self.q_layernorm, self.k_layernorm, lambda n: pe)
-        return linear_out(self.linear_proj, self._attend(q, k, v, pe))
+        out, _ = self.linear_proj(self._attend(q, k, v, pe))  # no bias: (out, None)
+        return out

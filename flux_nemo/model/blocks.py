@@ -24,7 +24,8 @@ from flux_nemo.model.fusions import elementwise_ops
 
 
 class FluxMLP(MegatronModule):
-    """Column-parallel Linear(h, mlp) -> GELU(tanh) -> row-parallel Linear(mlp, h), both with bias."""
+    """Column-parallel Linear(h, mlp) -> GELU(tanh) -> row-parallel Linear(mlp, h), both with bias; the second
+    returns its bias unadded (``skip_bias_add``), for the block's fused gated residual to add."""
 
     def __init__(self, config: FluxConfig, submodules: MLPSubmodules):
         super().__init__(config)
@@ -48,20 +49,22 @@ class FluxMLP(MegatronModule):
             init_method=config.output_layer_init_method,
             bias=True,
             input_is_parallel=True,
-            skip_bias_add=False,
+            skip_bias_add=True,
             is_expert=False,
             tp_comm_buffer_name="fc2",
         )
         self.recompute = recompute.selected(config, "mlp")
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``[s, b, h]`` -> ``[s, b, h]``; recomputed in backward with the ``mlp`` selective recompute."""
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``[s, b, h]`` -> (``[s, b, h]`` without the ``linear_fc2`` bias, that bias ``[h]``); recomputed in
+        backward with the ``mlp`` selective recompute (the bias, a parameter, stays outside the checkpoint)."""
         if recompute.active(self, self.recompute):
-            return recompute.checkpoint(self._forward, x)
-        return self._forward(x)
+            return recompute.checkpoint(self._forward, x), self.linear_fc2.bias
+        return self._forward(x), self.linear_fc2.bias
 
     def _forward(self, x: Tensor) -> Tensor:
-        return linear_out(self.linear_fc2, self.config.activation_func(linear_out(self.linear_fc1, x)))
+        out, _ = self.linear_fc2(self.config.activation_func(linear_out(self.linear_fc1, x)))
+        return out
 
 
 @dataclass
@@ -103,27 +106,31 @@ class DoubleStreamBlock(MegatronModule):
         img_norm, txt_norm = norm(), norm()
         img_in = img_norm(self.norm_modulate, img, img_mod1.shift, img_mod1.scale)
         txt_in = txt_norm(self.norm_modulate, txt, txt_mod1.shift, txt_mod1.scale)
-        img_attn, txt_attn = self.self_attention(img_in, txt_in, pe)
+        (img_attn, img_bias), (txt_attn, txt_bias) = self.self_attention(img_in, txt_in, pe)
         img_norm.discard((img_in,), img_attn)
         txt_norm.discard((txt_in,), txt_attn)
-        img = self._residual_mlp(norm(), self.img_mlp, img, img_mod1.gate, img_attn, img_mod2)
-        txt = self._residual_mlp(norm(), self.txt_mlp, txt, txt_mod1.gate, txt_attn, txt_mod2)
+        img = self._residual_mlp(norm(), self.img_mlp, img, img_mod1.gate, (img_attn, img_bias), img_mod2)
+        txt = self._residual_mlp(norm(), self.txt_mlp, txt, txt_mod1.gate, (txt_attn, txt_bias), txt_mod2)
         return img, txt
 
-    def _residual_mlp(self, norm, mlp, x: Tensor, gate: Tensor, attn: Tensor, mod: ModulationOut) -> Tensor:
-        """``x + gate * attn``, then its MLP sublayer with the modulation ``mod``."""
-        # x + gate * attn and the MLP input (1 + scale) * LN(x + gate * attn) + shift, in one op.
-        x, mlp_in = norm(self.gated_residual_norm_modulate, x, gate, attn, mod.shift, mod.scale)
-        mlp_out = mlp(mlp_in)
+    def _residual_mlp(
+        self, norm, mlp, x: Tensor, gate: Tensor, attn: tuple[Tensor, Tensor], mod: ModulationOut
+    ) -> Tensor:
+        """``x + gate * attn`` (``attn``: the projection and its unadded bias), then its MLP sublayer with the
+        modulation ``mod``."""
+        # x + gate * (attn + bias) and the MLP input (1 + scale) * LN(that) + shift, in one op.
+        x, mlp_in = norm(self.gated_residual_norm_modulate, x, gate, *attn, mod.shift, mod.scale)
+        mlp_out, mlp_bias = mlp(mlp_in)
         norm.discard((mlp_in,), mlp_out)
-        return self.ops.gated_residual(x, mod.gate, mlp_out)
+        return self.ops.gated_residual(x, mod.gate, mlp_out, mlp_bias)
 
 
 class SingleStreamBlock(MegatronModule):
     """Parallel attention + MLP block over the joint sequence (BFL; arXiv:2302.05442).
 
     BFL fuses QKV with MLP-in (``linear1``) and the attention output with MLP-out (``linear2``); here they are
-    separate Megatron linears with the same math: ``x + gate * (linear_proj(attn) + linear_fc2(gelu(fc1)))``.
+    separate Megatron linears with the same math: ``x + gate * (linear_proj(attn) + linear_fc2(gelu(fc1)))``, where
+    ``linear_fc2``'s bias (BFL's ``linear2`` bias) is added in the fused residual op.
     """
 
     def __init__(self, config: FluxConfig, submodules: BlockSubmodules, layer_number: int):
@@ -141,9 +148,9 @@ class SingleStreamBlock(MegatronModule):
         (mod,) = self.modulation(vec)  # (shift, scale, gate), each [1, b, h]
         norm = _norm_checkpoint(self)()
         x_mod = norm(self.norm_modulate, x, mod.shift, mod.scale)
-        attn, mlp = self.self_attention(x_mod, pe), self.mlp(x_mod)
+        attn, (mlp, mlp_bias) = self.self_attention(x_mod, pe), self.mlp(x_mod)
         norm.discard((x_mod,), attn, mlp)
-        return self.ops.gated_residual_sum(x, mod.gate, attn, mlp)
+        return self.ops.gated_residual_sum(x, mod.gate, attn, mlp, mlp_bias)
 
 
 def _set_norm_ops(block: MegatronModule, config: FluxConfig) -> None:

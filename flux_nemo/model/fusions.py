@@ -2,7 +2,10 @@
 fused QK RMSNorm + RoPE of the attentions (``FluxConfig.qk_norm_rope_fusion``).
 
 Between its linears a Flux block runs only memory-bound elementwise work on ``[s, b, h]`` activations: LayerNorm
-then the adaLN modulate ``(1 + scale) * x + shift``, and the gated residual ``x + gate * y``. Eager PyTorch runs
+then the adaLN modulate ``(1 + scale) * x + shift``, and the gated residual ``x + gate * (y + bias)``, where ``bias``
+is the bias of the row-parallel linear (attention ``linear_proj``, MLP ``linear_fc2``) that produced ``y``: those
+linears return it unadded (``skip_bias_add``) so that it is added here rather than by a kernel of its own (TE adds
+a row-parallel bias after the GEMM, in a separate pass, because it must follow the tensor-parallel reduction). Eager PyTorch runs
 each op as its own kernel (one read and one write of the activation per op, forward and backward). With
 ``modulation_fusion`` the same functions go through ``torch.compile`` (Megatron-Core's ``jit_fuser`` idiom for its
 bias-GELU and bias-dropout-add fusions): one kernel per function and direction, computing in fp32 and rounding
@@ -34,22 +37,25 @@ def norm_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> Tensor
     return (1 + scale) * F.layer_norm(x, (x.shape[-1],), eps=eps) + shift
 
 
-def gated_residual(x: Tensor, gate: Tensor, y: Tensor) -> Tensor:
-    """``x + gate * y`` (``gate [1, b, h]``)."""
-    return x + gate * y
+def gated_residual(x: Tensor, gate: Tensor, y: Tensor, bias: Tensor) -> Tensor:
+    """``x + gate * (y + bias)`` (``gate [1, b, h]``, ``bias [h]``): a sublayer output ``y`` whose linear left its
+    bias unadded."""
+    return x + gate * (y + bias)
 
 
 def gated_residual_norm_modulate(
-    x: Tensor, gate: Tensor, y: Tensor, shift: Tensor, scale: Tensor, eps: float
+    x: Tensor, gate: Tensor, y: Tensor, bias: Tensor, shift: Tensor, scale: Tensor, eps: float
 ) -> tuple[Tensor, Tensor]:
-    """The residual ``x + gate * y`` and its modulated LayerNorm (the next sublayer's input): one fused pass."""
-    out = gated_residual(x, gate, y)
+    """The residual ``x + gate * (y + bias)`` and its modulated LayerNorm (the next sublayer's input): one fused
+    pass."""
+    out = gated_residual(x, gate, y, bias)
     return out, norm_modulate(out, shift, scale, eps)
 
 
-def gated_residual_sum(x: Tensor, gate: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    """``x + gate * (a + b)``: the single block's parallel attention + MLP branches."""
-    return x + gate * (a + b)
+def gated_residual_sum(x: Tensor, gate: Tensor, a: Tensor, b: Tensor, bias: Tensor) -> Tensor:
+    """``x + gate * (a + b + bias)``: the single block's parallel attention + MLP branches and the one bias of
+    BFL's ``linear2`` (carried by the MLP's ``linear_fc2``)."""
+    return x + gate * (a + b + bias)
 
 
 def qk_norm_rope(
