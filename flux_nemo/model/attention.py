@@ -22,7 +22,7 @@ from torch import Tensor
 from flux_nemo.model import recompute
 from flux_nemo.model.config import FluxConfig
 from flux_nemo.model.embeddings import param_device, rope_cos_sin
-from flux_nemo.model.fusions import fused_qk_norm_rope, rms_norm
+from flux_nemo.model.fusions import fused_joint_qkv_norm_rope, fused_qkv_norm_rope, rms_norm
 
 QK_NORM_EPS = torch.finfo(torch.float32).eps  # torch.nn.RMSNorm's default (eps=None) as the reference runs it
 
@@ -116,11 +116,18 @@ class _FluxAttention(MegatronModule):
 
     With ``recompute_granularity="selective"`` and ``"core_attn"`` in ``recompute_modules`` the core attention is
     recomputed in the backward pass while training (``flux_nemo.model.recompute``), as in Megatron's attention.
-    With ``qk_norm_rope_fusion`` each stream's q and k get their norm and RoPE in one fused op (the norm modules
-    keep the weights); otherwise the norm modules run, and RoPE runs on the joint q and k.
+    With ``qk_norm_rope_fusion`` the QKV projections go to q, k and v in one fused op (``fused``: the QKV split, the
+    QK norms, whose modules keep the weights, RoPE, and the double block's text + image concatenation); otherwise
+    the norm modules run, and RoPE runs on the joint q and k.
     """
 
-    def __init__(self, config: FluxConfig, submodules: FluxAttentionSubmodules, layer_number: int):
+    def __init__(
+        self,
+        config: FluxConfig,
+        submodules: FluxAttentionSubmodules,
+        layer_number: int,
+        fused: Callable[[], Callable[..., tuple[Tensor, Tensor, Tensor]]],
+    ):
         super().__init__(config)
         tp_size = parallel_state.get_tensor_model_parallel_world_size()
         self.heads_per_rank = config.num_attention_heads // tp_size
@@ -132,7 +139,7 @@ class _FluxAttention(MegatronModule):
             attention_type="self",
         )
         self.apply_rope = submodules.apply_rope
-        self.fused_norm_rope = fused_qk_norm_rope() if config.qk_norm_rope_fusion else None
+        self.fused_norm_rope = fused() if config.qk_norm_rope_fusion else None
         self.recompute_core_attn = recompute.selected(config, "core_attn")
 
     def _build_qkv(self, submodules: FluxAttentionSubmodules):
@@ -169,19 +176,17 @@ class _FluxAttention(MegatronModule):
             tp_comm_buffer_name="proj",
         )
 
-    def _project_qkv(
-        self, x: Tensor, linear, q_norm, k_norm, angles: Callable[[int], Tensor]
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """``[s, b, h]`` -> normalised q, k and v, each ``[s, b, np, hn]`` (``np`` heads on this rank, ``s`` tokens
-        after the projection: all of them under sequence parallelism); with ``qk_norm_rope_fusion`` q and k are
-        also rotated, by ``angles(s)``."""
+    def _qkv(self, x: Tensor, linear) -> Tensor:
+        """``[s, b, h]`` -> the QKV projection ``[s, b, np, 3 * hn]`` in Megatron's per-head ``[q_h, k_h, v_h]``
+        layout (``np`` heads on this rank, ``s`` tokens after the projection: all of them under sequence
+        parallelism)."""
         mixed = linear_out(linear, x)  # [s, b, 3 * h / tp]
-        mixed = mixed.view(*mixed.shape[:2], self.heads_per_rank, 3 * self.config.kv_channels)
-        q, k, v = mixed.chunk(3, dim=-1)  # Megatron per-head layout [q_h, k_h, v_h]
-        if self.fused_norm_rope is not None:
-            cos, sin = rope_cos_sin(angles(q.shape[0]), q.dtype)  # [s, b|1, 1, hn]: small, computed unfused
-            q, k = self.fused_norm_rope(q, k, q_norm.weight, k_norm.weight, cos, sin, QK_NORM_EPS)
-            return q, k, v
+        return mixed.view(*mixed.shape[:2], self.heads_per_rank, 3 * self.config.kv_channels)
+
+    @staticmethod
+    def _norm_qk(mixed: Tensor, q_norm, k_norm) -> tuple[Tensor, Tensor, Tensor]:
+        """Without the fusion: q and k through the norm modules, and v, each ``[s, b, np, hn]``."""
+        q, k, v = mixed.chunk(3, dim=-1)
         # The reference casts the normalised q and k to v's dtype.
         return q_norm(q).to(v.dtype), k_norm(k).to(v.dtype), v
 
@@ -202,7 +207,7 @@ class JointSelfAttention(_FluxAttention):
     """Double-block attention: separate img/txt QKV, norms and projections; one joint softmax (text first)."""
 
     def __init__(self, config: FluxConfig, submodules: FluxAttentionSubmodules, layer_number: int):
-        super().__init__(config, submodules, layer_number)
+        super().__init__(config, submodules, layer_number, fused_joint_qkv_norm_rope)
         self.img_linear_qkv, self.img_q_layernorm, self.img_k_layernorm = self._build_qkv(submodules)
         self.txt_linear_qkv, self.txt_q_layernorm, self.txt_k_layernorm = self._build_qkv(submodules)
         self.img_linear_proj = self._build_proj(submodules, bias=True)
@@ -213,18 +218,28 @@ class JointSelfAttention(_FluxAttention):
     ) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
         """Modulated ``img [s_img, b, h]``, ``txt [s_txt, b, h]``, RoPE angles ``pe`` -> the img and the txt output,
         each as ``(projection without its bias, bias [h])``."""
-        # pe: the angles of the joint sequence, text first, so each stream's are one end of it.
-        img_angles, txt_angles = (lambda n: pe[pe.shape[0] - n :]), (lambda n: pe[:n])
-        img_qkv = self._project_qkv(
-            img, self.img_linear_qkv, self.img_q_layernorm, self.img_k_layernorm, img_angles
-        )
-        txt_qkv = self._project_qkv(
-            txt, self.txt_linear_qkv, self.txt_q_layernorm, self.txt_k_layernorm, txt_angles
-        )
-        q, k, v = (torch.cat([t, i], dim=0) for t, i in zip(txt_qkv, img_qkv, strict=True))  # [s, b, np, hn]
+        img_mixed = self._qkv(img, self.img_linear_qkv)
+        txt_mixed = self._qkv(txt, self.txt_linear_qkv)
+        if self.fused_norm_rope is not None:  # pe: the angles of the joint sequence, text first
+            q, k, v = self.fused_norm_rope(
+                txt_mixed,
+                self.txt_q_layernorm.weight,
+                self.txt_k_layernorm.weight,
+                img_mixed,
+                self.img_q_layernorm.weight,
+                self.img_k_layernorm.weight,
+                *rope_cos_sin(pe, txt_mixed.dtype),  # small, computed unfused
+                QK_NORM_EPS,
+            )  # each [s, b, np, hn]
+        else:
+            img_qkv = self._norm_qk(img_mixed, self.img_q_layernorm, self.img_k_layernorm)
+            txt_qkv = self._norm_qk(txt_mixed, self.txt_q_layernorm, self.txt_k_layernorm)
+            q, k, v = (
+                torch.cat([t, i], dim=0) for t, i in zip(txt_qkv, img_qkv, strict=True)
+            )  # [s, b, np, hn]
         attn = self._attend(q, k, v, pe)  # [s, b, h / tp]
         # Split at the projected lengths: under sequence parallelism img/txt are shards and q/k/v the gathered whole.
-        txt_attn, img_attn = attn.split([txt_qkv[0].shape[0], img_qkv[0].shape[0]], dim=0)
+        txt_attn, img_attn = attn.split([txt_mixed.shape[0], img_mixed.shape[0]], dim=0)
         return self.img_linear_proj(img_attn), self.txt_linear_proj(txt_attn)
 
 
@@ -235,12 +250,17 @@ class SelfAttention(_FluxAttention):
     """
 
     def __init__(self, config: FluxConfig, submodules: FluxAttentionSubmodules, layer_number: int):
-        super().__init__(config, submodules, layer_number)
+        super().__init__(config, submodules, layer_number, fused_qkv_norm_rope)
         self.linear_qkv, self.q_layernorm, self.k_layernorm = self._build_qkv(submodules)
         self.linear_proj = self._build_proj(submodules, bias=False)
 
     def forward(self, x: Tensor, pe: Tensor) -> Tensor:
         """Modulated ``x [s, b, h]`` -> attention output ``[s, b, h]`` (no bias)."""
-        q, k, v = self._project_qkv(x, self.linear_qkv, self.q_layernorm, self.k_layernorm, lambda n: pe)
+        mixed = self._qkv(x, self.linear_qkv)
+        if self.fused_norm_rope is not None:
+            weights = (self.q_layernorm.weight, self.k_layernorm.weight)
+            q, k, v = self.fused_norm_rope(mixed, *weights, *rope_cos_sin(pe, mixed.dtype), QK_NORM_EPS)
+        else:
+            q, k, v = self._norm_qk(mixed, self.q_layernorm, self.k_layernorm)
         out, _ = self.linear_proj(self._attend(q, k, v, pe))  # no bias: (out, None)
         return out

@@ -70,9 +70,10 @@ class FluxConfig(TransformerConfig):
     (``flux_nemo.model.fusions``) instead of one eager kernel per op. Same math; a performance switch."""
 
     qk_norm_rope_fusion: bool = False
-    """Run each attention's QK RMSNorm + RoPE (q and k of one stream) as one ``torch.compile`` kernel per
-    direction (``flux_nemo.model.fusions.qk_norm_rope``) instead of the spec's norm modules and RoPE function.
-    Same math and roundings, same parameters; a performance switch."""
+    """Take each attention's QKV projection to q, k and v in one ``torch.compile``'d op
+    (``flux_nemo.model.fusions.qkv_norm_rope``, ``joint_qkv_norm_rope``): the QKV split, the QK RMSNorm + RoPE, and
+    in the double blocks the text + image concatenation, instead of the spec's norm modules and RoPE function and
+    eager copies. Same math and roundings, same parameters; a performance switch."""
 
     ##################
     # Megatron fields with Flux defaults

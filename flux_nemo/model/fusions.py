@@ -1,5 +1,5 @@
 """The elementwise ops around the Flux block GEMMs, eager or fused (``FluxConfig.modulation_fusion``), and the
-fused QK RMSNorm + RoPE of the attentions (``FluxConfig.qk_norm_rope_fusion``).
+fused QKV split, QK RMSNorm + RoPE of the attentions (``FluxConfig.qk_norm_rope_fusion``).
 
 Between its linears a Flux block runs only memory-bound elementwise work on ``[s, b, h]`` activations: LayerNorm
 then the adaLN modulate ``(1 + scale) * x + shift``, and the gated residual ``x + gate * (y + bias)``, where ``bias``
@@ -58,40 +58,84 @@ def gated_residual_sum(x: Tensor, gate: Tensor, a: Tensor, b: Tensor, bias: Tens
     return x + gate * (a + b + bias)
 
 
-def qk_norm_rope(
-    q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, cos: Tensor, sin: Tensor, eps: float
-) -> tuple[Tensor, Tensor]:
-    """One stream's QK RMSNorm then RoPE: ``q``, ``k`` ``[s, b, np, hn]``, norm weights ``[hn]``, and the cos and
-    sin of the RoPE angles (``embeddings.rope_cos_sin``, ``[s, b|1, 1, hn]``).
+def qkv_norm_rope(
+    mixed: Tensor, q_weight: Tensor, k_weight: Tensor, cos: Tensor, sin: Tensor, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One attention's QKV projection to the core attention's q, k and v, with the QK RMSNorm and RoPE.
+
+    ``mixed [s, b, np, 3 * hn]`` is the projection in Megatron's per-head ``[q_h, k_h, v_h]`` layout; ``q_weight``,
+    ``k_weight [hn]`` are the norm weights; ``cos``, ``sin [s, b|1, 1, hn]`` are those of the RoPE angles
+    (``embeddings.rope_cos_sin``). Returns q and k normalised then rotated, and v, each ``[s, b, np, hn]`` and
+    contiguous (the layout the core attention takes).
 
     The roundings of the module path: each norm computes in fp32 (with its weight) and rounds to the input dtype
     (:class:`~flux_nemo.model.attention.RMSNorm`), then the rotation
     (:func:`~flux_nemo.model.embeddings.apply_interleaved_rope`) computes in fp32 and rounds again.
     """
-    return _norm_rope(q, q_weight, cos, sin, eps), _norm_rope(k, k_weight, cos, sin, eps)
+    return _qkv_norm_rope_joined(((mixed, q_weight, k_weight),), cos, sin, eps)
+
+
+def joint_qkv_norm_rope(
+    txt_mixed: Tensor,
+    txt_q_weight: Tensor,
+    txt_k_weight: Tensor,
+    img_mixed: Tensor,
+    img_q_weight: Tensor,
+    img_k_weight: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`qkv_norm_rope` of the double block's two streams, each with its own norm weights, joined along the
+    sequence, text first: q, k and v ``[s_txt + s_img, b, np, hn]``; ``cos``, ``sin`` are the joint sequence's."""
+    streams = ((txt_mixed, txt_q_weight, txt_k_weight), (img_mixed, img_q_weight, img_k_weight))
+    return _qkv_norm_rope_joined(streams, cos, sin, eps)
+
+
+def _qkv_norm_rope_joined(
+    streams: tuple[tuple[Tensor, Tensor, Tensor], ...], cos: Tensor, sin: Tensor, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    q, k, v = [], [], []
+    start = 0
+    for mixed, q_weight, k_weight in streams:
+        end = start + mixed.shape[0]
+        cos_s, sin_s = cos[start:end], sin[start:end]
+        q_s, k_s, v_s = mixed.chunk(3, dim=-1)
+        q.append(rotate_interleaved(rms_norm(q_s, q_weight, eps), cos_s, sin_s))
+        k.append(rotate_interleaved(rms_norm(k_s, k_weight, eps), cos_s, sin_s))
+        v.append(v_s)
+        start = end
+    # Under torch.compile each stream's kernels write straight into their slice of the joined outputs, and the
+    # backward writes the projection's gradient in place of autograd's concatenations of dq, dk and dv.
+    return torch.cat(q), torch.cat(k), torch.cat(v)
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float | None) -> Tensor:
     """RMSNorm over the last dim with ``weight``, computed in fp32 (fp64 for fp64 inputs) and rounded to ``x``'s
     dtype: the QK norm of the ``local`` spec (:class:`~flux_nemo.model.attention.RMSNorm`) and of
-    :func:`qk_norm_rope`."""
+    :func:`qkv_norm_rope`."""
     compute = torch.promote_types(x.dtype, torch.float32)
     return F.rms_norm(x.to(compute), (x.shape[-1],), weight.to(compute), eps).to(x.dtype)
 
 
-def _norm_rope(t: Tensor, weight: Tensor, cos: Tensor, sin: Tensor, eps: float) -> Tensor:
-    return rotate_interleaved(rms_norm(t, weight, eps), cos, sin)
+@functools.cache
+def fused_qkv_norm_rope() -> Callable[..., tuple[Tensor, Tensor, Tensor]]:
+    """:func:`qkv_norm_rope` through ``torch.compile`` (``FluxConfig.qk_norm_rope_fusion``; single blocks).
+
+    The module path runs a norm kernel and a RoPE kernel for each of q and k, TE's RMSNorm spends most of its
+    backward reducing the 128-wide weight gradient (2 + 4 blocks at micro-batch 16: the QK norms and RoPE took
+    ~4.2 ms of a 70 ms step's GPU time, H100 profile), the core attention copies the strided v, and autograd
+    concatenates dq, dk and dv into the projection's gradient (~0.1 ms per block and micro-batch). Compiled, q, k
+    and v are read and written once per direction. cos and sin come in precomputed: taking them per element
+    inside the kernel (from fp64 angles) made it as slow as the module path. Shapes as in :func:`fused_ops`."""
+    return torch.compile(qkv_norm_rope, fullgraph=True)
 
 
 @functools.cache
-def fused_qk_norm_rope() -> Callable[..., tuple[Tensor, Tensor]]:
-    """:func:`qk_norm_rope` through ``torch.compile`` (``FluxConfig.qk_norm_rope_fusion``): q and k are read
-    and written once per direction, where the module path runs a norm kernel and a RoPE kernel for each, and TE's
-    RMSNorm spends most of its backward reducing the 128-wide weight gradient (2 + 4 blocks at micro-batch 16: the
-    QK norms and RoPE took ~4.2 ms of a 70 ms step's GPU time, H100 profile). cos and sin come in precomputed:
-    taking them per element inside the kernel (from fp64 angles) made it as slow as the module path. Shapes as in
-    :func:`fused_ops`."""
-    return torch.compile(qk_norm_rope, fullgraph=True)
+def fused_joint_qkv_norm_rope() -> Callable[..., tuple[Tensor, Tensor, Tensor]]:
+    """:func:`joint_qkv_norm_rope` through ``torch.compile`` (double blocks): as :func:`fused_qkv_norm_rope`, and
+    the text + image concatenation of q, k and v (three more copies per direction) is folded in."""
+    return torch.compile(joint_qkv_norm_rope, fullgraph=True)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,15 @@ from flux_testing import make_inputs, randomize_
 from flux_nemo.model import FluxConfig, build_flux
 from flux_nemo.model.attention import QK_NORM_EPS, RMSNorm
 from flux_nemo.model.embeddings import apply_interleaved_rope, rope_cos_sin, rope_frequencies
-from flux_nemo.model.fusions import EAGER, elementwise_ops, fused_ops, fused_qk_norm_rope, qk_norm_rope
+from flux_nemo.model.fusions import (
+    EAGER,
+    elementwise_ops,
+    fused_joint_qkv_norm_rope,
+    fused_ops,
+    fused_qkv_norm_rope,
+    joint_qkv_norm_rope,
+    qkv_norm_rope,
+)
 
 
 def forward_backward(config: FluxConfig, backend: str, device: str, h: int, w: int, txt_len: int):
@@ -56,30 +64,55 @@ def test_fused_model_matches_eager_on_cpu(megatron_world, fusion):
     assert max(errors.values()) < 1e-4, sorted(errors.items(), key=lambda kv: -kv[1])[:3]
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_qk_norm_rope_rounds_like_the_norm_modules_then_rope(megatron_world, dtype):
-    """The function behind ``qk_norm_rope_fusion`` (eager here) is bitwise the module path: RMSNorm in fp32
-    rounded to the input dtype, then RoPE in fp32 rounded again."""
+def qkv_case(dtype: torch.dtype, seq: int, seed: int):
+    """A QKV projection ``[seq, 2, 3, 3 * hn]``, two QK norm modules with random weights, and RoPE angles."""
     config = FluxConfig.from_flavor("tiny")
-    gen = torch.Generator().manual_seed(0)
-    q, k = (torch.randn(12, 2, 3, config.head_dim, generator=gen).to(dtype) for _ in range(2))
+    gen = torch.Generator().manual_seed(seed)
+    mixed = torch.randn(seq, 2, 3, 3 * config.head_dim, generator=gen).to(dtype)
     norms = [RMSNorm(config, config.head_dim, eps=QK_NORM_EPS) for _ in range(2)]
     for norm in norms:
         norm.weight.data = torch.rand(config.head_dim, generator=gen, dtype=norm.weight.dtype) + 0.5
-    ids = torch.randint(0, 64, (1, 12, 3), generator=gen)
-    pe = rope_frequencies(ids, config.axes_dim, config.theta)
-    fused = qk_norm_rope(q, k, norms[0].weight, norms[1].weight, *rope_cos_sin(pe, dtype), QK_NORM_EPS)
-    for out, t, norm in zip(fused, (q, k), norms, strict=True):
-        assert out.dtype == dtype
-        assert torch.equal(out, apply_interleaved_rope(norm(t), pe))
+    pe = rope_frequencies(torch.randint(0, 64, (1, seq, 3), generator=gen), config.axes_dim, config.theta)
+    return mixed, norms, pe
 
 
-def test_qk_norm_rope_fusion_selects_the_fused_op(megatron_world):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_qkv_norm_rope_rounds_like_the_norm_modules_then_rope(megatron_world, dtype):
+    """The function behind ``qk_norm_rope_fusion`` in the single blocks (eager here) is bitwise the module path:
+    the per-head split of Megatron's QKV layout, RMSNorm in fp32 rounded to the input dtype, then RoPE in fp32
+    rounded again; v unchanged. All three come out contiguous, as the core attention takes them."""
+    mixed, norms, pe = qkv_case(dtype, 12, 0)
+    fused = qkv_norm_rope(mixed, norms[0].weight, norms[1].weight, *rope_cos_sin(pe, dtype), QK_NORM_EPS)
+    q, k, v = mixed.chunk(3, dim=-1)
+    expected = (apply_interleaved_rope(norms[0](q), pe), apply_interleaved_rope(norms[1](k), pe), v)
+    for out, want in zip(fused, expected, strict=True):
+        assert out.dtype == dtype and out.is_contiguous()
+        assert torch.equal(out, want)
+
+
+def test_joint_qkv_norm_rope_joins_the_streams_text_first(megatron_world):
+    """The double blocks' op: each stream with its own norm weights and its own end of the joint angles (text
+    first), concatenated along the sequence."""
+    txt, txt_norms, _ = qkv_case(torch.bfloat16, 5, 1)
+    img, img_norms, _ = qkv_case(torch.bfloat16, 7, 2)
+    _, _, pe = qkv_case(torch.bfloat16, 12, 3)
+    cos, sin = rope_cos_sin(pe, torch.bfloat16)
+    joint = joint_qkv_norm_rope(
+        txt, *(n.weight for n in txt_norms), img, *(n.weight for n in img_norms), cos, sin, QK_NORM_EPS
+    )
+    each_txt = qkv_norm_rope(txt, *(n.weight for n in txt_norms), cos[:5], sin[:5], QK_NORM_EPS)
+    each_img = qkv_norm_rope(img, *(n.weight for n in img_norms), cos[5:], sin[5:], QK_NORM_EPS)
+    for out, t, i in zip(joint, each_txt, each_img, strict=True):
+        assert out.shape == (12, 2, 3, t.shape[-1])
+        assert torch.equal(out, torch.cat([t, i]))
+
+
+def test_qk_norm_rope_fusion_selects_the_fused_ops(megatron_world):
     model = build_flux(FluxConfig.from_flavor("tiny", qk_norm_rope_fusion=True), backend="local")
-    attentions = [b.self_attention for b in [*model.double_blocks, *model.single_blocks]]
-    assert all(a.fused_norm_rope is fused_qk_norm_rope() for a in attentions)
+    assert all(b.self_attention.fused_norm_rope is fused_joint_qkv_norm_rope() for b in model.double_blocks)
+    assert all(b.self_attention.fused_norm_rope is fused_qkv_norm_rope() for b in model.single_blocks)
     plain = build_flux(FluxConfig.from_flavor("tiny"), backend="local")
-    assert all(b.self_attention.fused_norm_rope is None for b in plain.double_blocks)
+    assert all(b.self_attention.fused_norm_rope is None for b in [*plain.double_blocks, *plain.single_blocks])
 
 
 @pytest.mark.gpu
