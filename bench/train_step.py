@@ -16,7 +16,7 @@ A ``--precision`` entry is a precision (``conf/precision``) with optional ``+`` 
 (``model.modulation_fusion=true``), ``paopt`` (``precision.precision_aware_optimizer=true``), ``qkrope``
 (``model.qk_norm_rope_fusion=true``), ``bf16grad`` (bf16 gradient buffers and reduction, as ``--grad-reduce-bf16``
 for one entry; with ``paopt`` Adam reads them directly), ``bf16adam`` (``precision.adam_moments_dtype=bf16``, needs
-``paopt``).
+``paopt``), ``blockgroups`` (``parallel.optimizer_groups_per_block=true``: one Adam param group per block).
 
 Prints ms/step (median), samples/s, model TFLOP/s per GPU (0.3574 TFLOP per block per sample at 256 + 256
 tokens, MLPerf accounting) and peak memory, then a table with the ratio to the first peer row. ``--profile N``
@@ -117,7 +117,9 @@ def build_ours(args, precision: str):
         moments_dtype=cfg.precision.adam_moments_dtype,
         overlap_param_gather=cfg.parallel.overlap_param_gather,
     )  # fmt: skip
-    return model, build_megatron_optimizer([model], opt_config)
+    return model, build_megatron_optimizer(
+        [model], opt_config, per_block_groups=cfg.parallel.optimizer_groups_per_block
+    )
 
 
 BATCH_KEYS = ("img", "txt", "y", "t", "img_ids", "txt_ids", "target")

@@ -106,6 +106,8 @@ class ParallelConfig:
     overlap_param_gather: bool = True
     bucket_size: int | None = None
     num_distributed_optimizer_instances: int = 1
+    # One optimizer param group per block, same hyper-parameters (GPU; flux_nemo.training.optim.per_block_overrides)
+    optimizer_groups_per_block: bool = False
     gradient_accumulation_fusion: bool = (
         True  # TE linears write wgrad into Megatron's fp32 main_grad (GPU, te)
     )

@@ -11,6 +11,8 @@ a torch ``AdamW`` over the fp32 parameters. Both are driven through :func:`set_l
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from flux_nemo.mlperf import constants as C
@@ -100,15 +102,47 @@ def megatron_optimizer_config(
     )
 
 
-def build_megatron_optimizer(model_chunks: list, config):
+def build_megatron_optimizer(model_chunks: list, config, per_block_groups: bool = False):
     """Megatron optimizer over Megatron-DDP-wrapped chunks, weight decay on all params (GPU only).
 
     ``config_overrides={}`` replaces Megatron's default overrides, which would exempt biases and 1-D params
-    from weight decay (``get_standard_config_overrides``); the reference decays everything.
+    from weight decay (``get_standard_config_overrides``); the reference decays everything. ``per_block_groups``:
+    one param group per block (:func:`per_block_overrides`).
     """
     from megatron.core.optimizer import get_megatron_optimizer
 
-    return get_megatron_optimizer(config, model_chunks, config_overrides={})
+    overrides = per_block_overrides(model_chunks) if per_block_groups else {}
+    return get_megatron_optimizer(config, model_chunks, config_overrides=overrides)
+
+
+_BLOCK = re.compile(r"(?:^|\.)((?:double|single)_blocks\.\d+)\.")
+GROUP_KEY = "flux_param_group"
+
+
+def per_block_overrides(model_chunks: list) -> dict:
+    """Megatron ``config_overrides`` that give each Flux block (``double_blocks.i``, then ``single_blocks.j``) its
+    own param group, and everything else (embedders, final layer) one more, last. Every group keeps the same
+    hyper-parameters: the override only adds its index under ``flux_param_group`` (Megatron's
+    ``ParamGroupOverride`` allows keys of one's own; the optimizer ignores it), so the update is the same.
+
+    What it is for: TE's FusedAdam builds its per-parameter tensor lists for a group on the host, then launches
+    that group's kernels. Megatron's step reads the grad norm on the host first, so the GPU waits for the list
+    building of the whole model (2.5-4 ms per step at 2 + 4 blocks, H100 timeline). Per group, the GPU runs a
+    block's Adam while the host builds the next block's lists.
+    """
+    from megatron.core.optimizer import ParamKey
+    from megatron.core.optimizer.optimizer_config import ParamWithNamePredicate
+
+    blocks = []  # block prefixes in model order
+    for chunk in model_chunks:
+        for name, _ in chunk.named_parameters():
+            match = _BLOCK.search(name)
+            if match and match.group(1) not in blocks:
+                blocks.append(match.group(1))
+    overrides = {ParamKey(name=f"*{prefix}.*"): {GROUP_KEY: i} for i, prefix in enumerate(blocks)}
+    rest = ParamWithNamePredicate(name="flux_outside_blocks", fn=lambda _param, name: not _BLOCK.search(name))
+    overrides[ParamKey(with_name_predicate=rest)] = {GROUP_KEY: len(blocks)}
+    return overrides
 
 
 def inner_optimizers(optimizer) -> list[torch.optim.Optimizer]:

@@ -133,7 +133,9 @@ class MegatronStrategy(DDPStrategy):
                 moments_dtype=self.cfg.precision.adam_moments_dtype,
                 overlap_param_gather=self.cfg.parallel.overlap_param_gather,
             )
-            return build_megatron_optimizer([module.flux], config)
+            return build_megatron_optimizer(
+                [module.flux], config, per_block_groups=self.cfg.parallel.optimizer_groups_per_block
+            )
         if self.cfg.precision.precision_aware_optimizer:
             raise ValueError(
                 "precision.precision_aware_optimizer=true needs the GPU path (Megatron distributed optimizer)"

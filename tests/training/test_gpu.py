@@ -161,3 +161,33 @@ def test_gradient_accumulation_fusion_trains_like_autograd_accumulation(
     print(f"worst relative weight differences {worst}")
     assert any(".img_mod.linear.weight" in n for n in errors)
     assert max(errors.values()) < 1e-2, worst
+
+
+@pytest.mark.parametrize("paopt", [False, True], ids=["standard", "precision-aware"])
+def test_per_block_optimizer_groups_train_exactly_like_one_group(tiny_data, tmp_path, paopt):
+    """``parallel.optimizer_groups_per_block``: the same Adam per element, only split into one launch per block, so
+    the losses are the one-group run's (up to the grad norm's summation order, which the clip would carry)."""
+    from flux_nemo.training.optim import inner_optimizers
+
+    def run(name, *extra):
+        prepared = prepare(
+            compose_cfg(
+                *GPU[:-1],
+                "model.backend=te",
+                *tiny_data,
+                f"precision.precision_aware_optimizer={paopt}",
+                *extra,
+                f"mlperf.log_file={tmp_path}/{name}.txt",
+                f"exp_manager.exp_dir={tmp_path}/{name}",
+            )  # fmt: skip
+        )
+        prepared.fit()
+        groups = [len(o.param_groups) for o in inner_optimizers(prepared.trainer.strategy.optimizers[0])]
+        return train_losses(prepared.module.cfg.mlperf.log_file), groups
+
+    one, one_groups = run("one")
+    per_block, per_block_groups = run("per_block", "parallel.optimizer_groups_per_block=true")
+    print(f"one group {one}\nper block {per_block} (groups {per_block_groups})")
+    assert one_groups == [1] and per_block_groups == [3]  # the tiny model's 1 + 1 blocks, then the rest
+    assert sorted(per_block) == [1, 2, 3, 4, 5, 6]
+    assert per_block == pytest.approx(one, rel=1e-5)

@@ -68,3 +68,38 @@ def test_megatron_config_refuses_adam_moments_it_cannot_keep():
     config = megatron_optimizer_config(1e-4, torch.bfloat16, True)
     assert not config.use_precision_aware_optimizer
     assert config.exp_avg_dtype == config.exp_avg_sq_dtype == config.main_params_dtype == torch.float32
+
+
+def test_per_block_groups_split_by_block_with_the_same_hyperparameters(megatron_world):
+    """``parallel.optimizer_groups_per_block``: one param group per block in model order, then the rest; the groups
+    differ only in their index (the update is the same as with one group)."""
+    from megatron.core.optimizer import OptimizerConfig, _get_param_groups
+
+    from flux_nemo.model import FluxConfig, build_flux
+    from flux_nemo.training.optim import GROUP_KEY, per_block_overrides
+
+    flux = build_flux(
+        FluxConfig.from_flavor("tiny", num_double_blocks=2, num_single_blocks=11), backend="local"
+    )
+    chunk = torch.nn.ModuleDict({"module": flux})  # names as under Megatron DDP: "module.double_blocks.0...."
+    groups = _get_param_groups(
+        [chunk], OptimizerConfig(lr=1e-3, weight_decay=0.1), per_block_overrides([chunk])
+    )
+    assert [g[GROUP_KEY] for g in groups] == list(range(14))
+    name_of = {p: n for n, p in chunk.named_parameters()}
+    prefixes = [
+        {n.split(".")[1] + "." + n.split(".")[2] for n in map(name_of.get, g["params"])} for g in groups[:13]
+    ]
+    assert prefixes == [{f"double_blocks.{i}"} for i in range(2)] + [
+        {f"single_blocks.{i}"} for i in range(11)
+    ]
+    assert [len(g["params"]) for g in groups[:13]] == [
+        len(list(b.parameters())) for b in flux.double_blocks
+    ] + [
+        len(list(b.parameters())) for b in flux.single_blocks
+    ]  # single_blocks.1 does not take single_blocks.10's parameters
+    rest = {name_of[p] for p in groups[13]["params"]}
+    assert rest and not any("_blocks." in n for n in rest)
+    assert sum(len(g["params"]) for g in groups) == len(list(flux.parameters()))
+    settings = {tuple((k, v) for k, v in sorted(g.items()) if k not in ("params", GROUP_KEY)) for g in groups}
+    assert len(settings) == 1  # same wd_mult, lr_mult, max_lr, min_lr, ... in every group
