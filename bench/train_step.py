@@ -16,7 +16,7 @@ A ``--precision`` entry is a precision (``conf/precision``) with optional ``+`` 
 (``model.modulation_fusion=true``), ``paopt`` (``precision.precision_aware_optimizer=true``), ``qkrope``
 (``model.qk_norm_rope_fusion=true``), ``bf16grad`` (bf16 gradient buffers and reduction, as ``--grad-reduce-bf16``
 for one entry; with ``paopt`` Adam reads them directly), ``bf16adam`` (``precision.adam_moments_dtype=bf16``, needs
-``paopt``), ``blockgroups`` (``parallel.optimizer_groups_per_block=true``: one Adam param group per block).
+``paopt``), ``remainders`` (``precision.store_param_remainders=true``, needs ``paopt``), ``blockgroups`` (``parallel.optimizer_groups_per_block=true``: one Adam param group per block).
 
 Prints ms/step (median), samples/s, model TFLOP/s per GPU (0.3574 TFLOP per block per sample at 256 + 256
 tokens, MLPerf accounting) and peak memory, then a table with the ratio to the first peer row. ``--profile N``
@@ -115,6 +115,7 @@ def build_ours(args, precision: str):
         1e-4, compute_dtype(cfg), cfg.parallel.use_distributed_optimizer,
         precision_aware=cfg.precision.precision_aware_optimizer,
         moments_dtype=cfg.precision.adam_moments_dtype,
+        param_remainders=cfg.precision.store_param_remainders,
         overlap_param_gather=cfg.parallel.overlap_param_gather,
     )  # fmt: skip
     return model, build_megatron_optimizer(

@@ -61,14 +61,17 @@ def megatron_optimizer_config(
     use_distributed_optimizer: bool,
     precision_aware: bool = False,
     moments_dtype: str = "fp32",
+    param_remainders: bool = False,
     **kw,
 ):
     """``OptimizerConfig`` of the MLPerf AdamW (Megatron ``optimizer="adam"`` with decoupled weight decay).
 
     ``precision_aware``: Megatron's precision-aware optimizer with every optimizer tensor in fp32 and the full fp32
-    master weights kept (``store_param_remainders=False``: no 16-bit remainder trick), so only the kernels change:
+    master weights kept (unless ``param_remainders``), so only the kernels change:
     TE's FusedAdam updates the master weight and writes the bf16 parameter in one pass. ``moments_dtype="bf16"``
     (precision-aware only) keeps Adam's exp_avg and exp_avg_sq in bf16: master weights stay fp32.
+    ``param_remainders`` (precision-aware only, ``precision.store_param_remainders``): Megatron's
+    ``store_param_remainders``, the fp32 master weight kept as the bf16 parameter plus an int16 remainder.
     """
     from megatron.core.optimizer import OptimizerConfig
 
@@ -76,11 +79,16 @@ def megatron_optimizer_config(
         raise ValueError(f"Adam moments dtype {moments_dtype!r}; expected one of {list(MOMENTS_DTYPES)}")
     if moments_dtype != "fp32" and not precision_aware:
         raise ValueError(f"Adam moments in {moments_dtype} need the precision-aware optimizer")
+    if param_remainders and not precision_aware:
+        raise ValueError(
+            "precision.store_param_remainders=true needs precision.precision_aware_optimizer=true "
+            "(TE FusedAdam keeps the remainders)"
+        )
     if precision_aware:
         moments = MOMENTS_DTYPES[moments_dtype]
         kw.update(
             use_precision_aware_optimizer=True,
-            store_param_remainders=False,
+            store_param_remainders=param_remainders,
             exp_avg_dtype=moments,
             exp_avg_sq_dtype=moments,
         )

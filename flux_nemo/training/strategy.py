@@ -131,6 +131,7 @@ class MegatronStrategy(DDPStrategy):
                 self.cfg.parallel.use_distributed_optimizer,
                 precision_aware=self.cfg.precision.precision_aware_optimizer,
                 moments_dtype=self.cfg.precision.adam_moments_dtype,
+                param_remainders=self.cfg.precision.store_param_remainders,
                 overlap_param_gather=self.cfg.parallel.overlap_param_gather,
             )
             return build_megatron_optimizer(

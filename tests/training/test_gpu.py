@@ -191,3 +191,38 @@ def test_per_block_optimizer_groups_train_exactly_like_one_group(tiny_data, tmp_
     assert one_groups == [1] and per_block_groups == [3]  # the tiny model's 1 + 1 blocks, then the rest
     assert sorted(per_block) == [1, 2, 3, 4, 5, 6]
     assert per_block == pytest.approx(one, rel=1e-5)
+
+
+def test_param_remainders_train_exactly_like_fp32_master_weights_and_resume(tiny_data, tmp_path):
+    """``precision.store_param_remainders=true``: TE FusedAdam keeps an int16 remainder per master weight and
+    rebuilds the fp32 value from it and the bf16 parameter, so the losses follow the full-master run's (the fp32
+    values are the same; the bound allows for a different operation order in TE's remainder kernel); a run stopped
+    at step 4 resumes from its Megatron distributed checkpoint (remainders restored) with the same losses."""
+    pytest.importorskip("transformer_engine")
+    from flux_nemo.training.optim import inner_optimizers
+
+    paopt = ["precision.precision_aware_optimizer=true"]
+    ckpt = [
+        "exp_manager.create_checkpoint_callback=true",
+        "exp_manager.checkpoint_callback_params.every_n_train_steps=2",
+        "exp_manager.resume_if_exists=true",
+    ]
+
+    def run(name, exp, *extra):
+        logs = [f"mlperf.log_file={tmp_path}/{name}.txt", f"exp_manager.exp_dir={tmp_path}/{exp}"]
+        prepared = prepare(compose_cfg(*GPU, *tiny_data, *paopt, *logs, *extra))
+        prepared.fit()
+        return prepared, train_losses(prepared.module.cfg.mlperf.log_file)
+
+    _, full = run("full", "full")
+    straight, remainders = run("remainders", "remainders", "precision.store_param_remainders=true")
+    states = [s for o in inner_optimizers(straight.trainer.strategy.optimizers[0]) for s in o.state.values()]
+    assert states and {s["master_param"].dtype for s in states} == {torch.int16}
+    print(f"fp32 master {full}\nremainders {remainders}")
+    assert sorted(remainders) == [1, 2, 3, 4, 5, 6]
+    assert remainders == pytest.approx(full, rel=1e-5)
+
+    run("first", "resumed", "precision.store_param_remainders=true", *ckpt, "train.max_steps=4")
+    _, resumed = run("second", "resumed", "precision.store_param_remainders=true", *ckpt)
+    assert sorted(resumed) == [5, 6]
+    assert resumed == pytest.approx({k: remainders[k] for k in resumed}, rel=1e-3)

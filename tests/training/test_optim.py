@@ -65,6 +65,10 @@ def test_megatron_config_refuses_adam_moments_it_cannot_keep():
         megatron_optimizer_config(1e-4, torch.bfloat16, True, moments_dtype="bf16")
     with pytest.raises(ValueError, match=r"Adam moments dtype 'fp16'; expected one of \['fp32', 'bf16'\]"):
         megatron_optimizer_config(1e-4, torch.bfloat16, True, precision_aware=True, moments_dtype="fp16")
+    with pytest.raises(
+        ValueError, match=r"precision.store_param_remainders=true needs precision.precision_aware"
+    ):
+        megatron_optimizer_config(1e-4, torch.bfloat16, True, param_remainders=True)
     config = megatron_optimizer_config(1e-4, torch.bfloat16, True)
     assert not config.use_precision_aware_optimizer
     assert config.exp_avg_dtype == config.exp_avg_sq_dtype == config.main_params_dtype == torch.float32
