@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from flux_nemo import shims
 from flux_nemo.model.config import FluxConfig
 from flux_nemo.model.embeddings import param_device, replicated_linear
+from flux_nemo.model.main_grad import linear
 
 
 def layer_norm(x: Tensor, config: FluxConfig) -> Tensor:
@@ -37,39 +38,6 @@ class ModulationOut:
         return (1 + self.scale) * x + self.shift
 
 
-class _LinearIntoMainGrad(torch.autograd.Function):
-    """``F.linear(x, weight, bias)`` for ``x [b, in]``, whose backward adds the weight gradient straight into
-    ``weight.main_grad`` (Megatron DDP's gradient buffer) in one GEMM with accumulation, the contract of Megatron's
-    ``gradient_accumulation_fusion`` that TE's linears follow: ``weight.grad_added_to_main_grad`` is set and the
-    weight's ``.grad`` is a placeholder that DDP's hook discards. Without it, autograd writes a weight-sized gradient
-    and DDP's hook adds it to ``main_grad``: two more passes over 3072 x 18432 values per double-block modulation and
-    micro-batch (H100 profile, 2 + 4 blocks: ~2.8 ms of bf16 adds per 4-micro-batch step)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-        ctx.save_for_backward(x, weight)
-        return F.linear(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        x, weight = ctx.saved_tensors
-        main_grad = weight.main_grad
-        # [n*h, b] @ [b, h], accumulated in main_grad's dtype (fp32 or bf16); b is the batch: a thin GEMM.
-        main_grad.addmm_(grad_out.t().to(main_grad.dtype), x.to(main_grad.dtype))
-        weight.grad_added_to_main_grad = True
-        # Uninitialised unless DDP asks for zeros (``zero_out_wgrad``): its hook drops it without reading it.
-        placeholder = torch.zeros_like if getattr(weight, "zero_out_wgrad", False) else torch.empty_like
-        return grad_out @ weight, placeholder(weight), grad_out.sum(0)
-
-
-def _linear(config: FluxConfig, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    """``F.linear``, with the weight gradient accumulated into Megatron DDP's ``main_grad`` when
-    ``config.gradient_accumulation_fusion`` is on and DDP gave the weight one (:class:`_LinearIntoMainGrad`)."""
-    if config.gradient_accumulation_fusion and hasattr(weight, "main_grad") and torch.is_grad_enabled():
-        return _LinearIntoMainGrad.apply(x, weight, bias)
-    return F.linear(x, weight, bias)
-
-
 class ModulationLinear(MegatronModule):
     """The modulation's Linear(h, n*h), its output rows split over the tensor-parallel ranks.
 
@@ -84,7 +52,7 @@ class ModulationLinear(MegatronModule):
     sees only its tokens, so its gradient is a partial sum over the sequence), else split (every rank ran the same
     computation on every token). At tensor-parallel size 1 it is a plain linear. With
     ``gradient_accumulation_fusion`` the weight gradient goes straight into DDP's ``main_grad``
-    (:class:`_LinearIntoMainGrad`).
+    (:func:`flux_nemo.model.main_grad.linear`).
     """
 
     def __init__(self, config: FluxConfig, in_features: int, out_features: int, sequence_split: bool):
@@ -104,9 +72,9 @@ class ModulationLinear(MegatronModule):
     def forward(self, x: Tensor) -> Tensor:
         """``x [b, h]`` -> ``[b, n*h]``."""
         if self.config.tensor_model_parallel_size == 1:
-            return _linear(self.config, x, self.weight, self.bias)
+            return linear(x, self.weight, self.bias, self.config.gradient_accumulation_fusion)
         x = copy_to_tensor_model_parallel_region(x)  # backward: summed over the ranks
-        local = _linear(self.config, x, self.weight, self.bias)  # [b, n*h / tp]
+        local = linear(x, self.weight, self.bias, self.config.gradient_accumulation_fusion)  # [b, n*h / tp]
         # All-gather the output dim as the first dim of the transposed tensor (rank order = the row split).
         rows = shims.gather_from_sequence_parallel_region(
             local.t().contiguous(), tensor_parallel_output_grad=self.sequence_split

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flux_nemo.model.config import FluxConfig
+from flux_nemo.model.main_grad import linear
 
 
 def param_device(config: FluxConfig) -> torch.device | int | None:
@@ -23,9 +24,22 @@ def param_device(config: FluxConfig) -> torch.device | int | None:
     return torch.cuda.current_device()
 
 
-def replicated_linear(config: FluxConfig, in_features: int, out_features: int) -> nn.Linear:
+class ReplicatedLinear(nn.Linear):
+    """An ``nn.Linear`` that every tensor-parallel rank holds whole (embedders, final layer); with
+    ``gradient_accumulation_fusion`` its weight gradient goes straight into Megatron DDP's ``main_grad``
+    (:func:`flux_nemo.model.main_grad.linear`)."""
+
+    def __init__(self, config: FluxConfig, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, device=param_device(config), dtype=config.params_dtype)
+        self.accumulate_into_main_grad = config.gradient_accumulation_fusion
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias, self.accumulate_into_main_grad)
+
+
+def replicated_linear(config: FluxConfig, in_features: int, out_features: int) -> ReplicatedLinear:
     """A linear layer that every tensor-parallel rank holds whole (embedders, final layer)."""
-    return nn.Linear(in_features, out_features, device=param_device(config), dtype=config.params_dtype)
+    return ReplicatedLinear(config, in_features, out_features)
 
 
 def rope_frequencies(ids: Tensor, axes_dim: tuple[int, ...], theta: int) -> Tensor:
