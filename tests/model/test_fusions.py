@@ -141,3 +141,22 @@ def test_fused_ops_serve_many_shapes_without_hitting_the_recompile_limit():
             torch.testing.assert_close(
                 ops.norm_modulate(x, shift, scale, 1e-6), EAGER.norm_modulate(x, shift, scale, 1e-6)
             )
+
+
+@pytest.mark.slow  # CPU compilations of the joint QKV op (static, then dynamic shapes)
+def test_fused_joint_qkv_op_serves_many_stream_lengths_without_hitting_the_recompile_limit(megatron_world):
+    """Text and image lengths vary independently (train and eval batches, context and sequence parallel shards)."""
+    fused = fused_joint_qkv_norm_rope()
+    with torch.no_grad():
+        for n_txt, n_img in [(2 + i, 3 + (5 * i) % 7) for i in range(10)]:
+            txt, txt_norms, _ = qkv_case(torch.float32, n_txt, 1)
+            img, img_norms, _ = qkv_case(torch.float32, n_img, 2)
+            _, _, pe = qkv_case(torch.float32, n_txt + n_img, 3)
+            args = (txt, *(n.weight for n in txt_norms), img, *(n.weight for n in img_norms))
+            cos_sin = rope_cos_sin(pe, torch.float32)
+            for out, want in zip(
+                fused(*args, *cos_sin, QK_NORM_EPS),
+                joint_qkv_norm_rope(*args, *cos_sin, QK_NORM_EPS),
+                strict=True,
+            ):
+                torch.testing.assert_close(out, want)
