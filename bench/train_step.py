@@ -135,19 +135,25 @@ def our_batch(batch: int, device):
 
 
 def forward_backward(model, batch, micro_batches: int):
-    """Zero the gradients, accumulate ``micro_batches`` micro-batches (reduction on the last one only), finalize
-    the gradients (data- and tensor-parallel reductions); returns the last micro-batch's loss."""
+    """Zero the gradients, accumulate ``micro_batches`` micro-batches (reduction on the last one only) as the
+    training step does (``flux_nemo.training.micro_batches.accumulate``: the adaLN modulations once for all of
+    them), finalize the gradients (data- and tensor-parallel reductions); returns the mean loss."""
     from megatron.core.distributed import finalize_model_grads
 
-    img, txt, y, t, img_ids, txt_ids, target = batch
+    from flux_nemo.flow_matching import ModelInputs
+    from flux_nemo.training.micro_batches import accumulate
+
+    def loss_fn(x, conditioning):
+        pred = model(x.img, x.txt, x.y, x.timesteps, x.img_ids, x.txt_ids, conditioning=conditioning)
+        return torch.nn.functional.mse_loss(pred.float(), x.target.float())
+
     model.zero_grad_buffer()
-    for i in range(micro_batches):
-        with model.no_sync() if i < micro_batches - 1 else contextlib.nullcontext():
-            pred = model(img, txt, y, t, img_ids, txt_ids)
-            loss = torch.nn.functional.mse_loss(pred.float(), target.float()) / micro_batches
-            loss.backward()
+    inputs = [ModelInputs(*batch)] * micro_batches  # the same samples in every micro-batch
+    total = accumulate(
+        model, inputs, loss_fn, grad_sync=lambda last: contextlib.nullcontext() if last else model.no_sync()
+    )
     finalize_model_grads([model])
-    return loss.detach()
+    return total / micro_batches
 
 
 def graphed_forward_backward(model, micro_batches: int):

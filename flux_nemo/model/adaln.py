@@ -90,7 +90,8 @@ class ModulationLinear(MegatronModule):
 
 
 class Modulation(MegatronModule):
-    """SiLU -> Linear(h, n*h) of the conditioning vector, chunked in the reference order.
+    """SiLU -> Linear(h, n*h) of the conditioning vector (``forward``), cut into chunks in the reference order
+    (``split``).
 
     ``num_chunks`` is 6 (double blocks: (shift, scale, gate) x 2), 3 (single blocks) or 2 (final layer:
     (shift, scale)). The linear is split over the tensor-parallel ranks (:class:`ModulationLinear`);
@@ -106,9 +107,14 @@ class Modulation(MegatronModule):
         h = config.hidden_size
         self.linear = ModulationLinear(config, h, num_chunks * h, sequence_split)
 
-    def forward(self, vec: Tensor) -> list[ModulationOut]:
-        """``vec [b, h]`` -> one ``ModulationOut`` per 3 chunks (one (shift, scale) pair if 2 chunks)."""
-        chunks = self.linear(F.silu(vec))[None].chunk(self.num_chunks, dim=-1)  # each [1, b, h]
+    def forward(self, vec: Tensor) -> Tensor:
+        """``vec [b, h]`` -> ``[b, n*h]``: the ``num_chunks`` chunks side by side (batch-first, so a slice of the
+        batch is a slice of the rows)."""
+        return self.linear(F.silu(vec))
+
+    def split(self, out: Tensor) -> list[ModulationOut]:
+        """``forward``'s ``[b, n*h]`` -> one ``ModulationOut`` per 3 chunks (one (shift, scale) pair if 2 chunks)."""
+        chunks = out[None].chunk(self.num_chunks, dim=-1)  # each [1, b, h]
         return [ModulationOut(*chunks[i : i + 3]) for i in range(0, self.num_chunks, 3)]
 
 
@@ -120,7 +126,11 @@ class LastLayer(MegatronModule):
         self.adaLN_modulation = Modulation(config, num_chunks=2, sequence_split=False)  # after the gather
         self.linear = replicated_linear(config, config.hidden_size, config.in_channels)
 
-    def forward(self, x: Tensor, vec: Tensor) -> Tensor:
-        """``x [s, b, h]``, ``vec [b, h]`` -> ``[s, b, in_channels]``."""
-        (mod,) = self.adaLN_modulation(vec)
+    def modulations(self, vec: Tensor) -> tuple[Tensor]:
+        """The adaLN modulation ``[b, 2h]`` of ``vec [b, h]`` (``Flux.conditioning``)."""
+        return (self.adaLN_modulation(vec),)
+
+    def forward(self, x: Tensor, modulation: Tensor) -> Tensor:
+        """``x [s, b, h]``, its ``modulations(vec)`` -> ``[s, b, in_channels]``."""
+        (mod,) = self.adaLN_modulation.split(modulation)
         return self.linear(mod.modulate(layer_norm(x, self.config)))

@@ -1,7 +1,8 @@
 """Flux transformer blocks: DoubleStreamBlock (MMDiT), SingleStreamBlock, and their MLP.
 
-All tensors are ``[s, b, h]``; the conditioning vector ``vec`` is ``[b, h]`` and the RoPE angles ``pe`` are
-``[s_txt + s_img, b|1, 1, head_dim]``. Selective recompute (``FluxConfig.recompute_modules``, see
+All tensors are ``[s, b, h]``; the RoPE angles ``pe`` are ``[s_txt + s_img, b|1, 1, head_dim]``. A block takes its
+adaLN modulations as tensors (``modulations(vec)`` of the conditioning vector ``vec [b, h]``, each ``[b, n*h]``), so
+that ``Flux.conditioning`` can compute them for a whole training step at once. Selective recompute (``FluxConfig.recompute_modules``, see
 ``flux_nemo.model.recompute``): ``mlp`` re-runs each MLP in the backward pass, ``layernorm`` each LayerNorm +
 modulate (its output is freed once the linears that read it ran).
 """
@@ -98,11 +99,17 @@ class DoubleStreamBlock(MegatronModule):
         self.txt_mlp = build_module(submodules.mlp, config=config)
         _set_norm_ops(self, config)
 
-    def forward(self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor) -> tuple[Tensor, Tensor]:
-        """``img [s_img, b, h]``, ``txt [s_txt, b, h]`` -> updated (img, txt)."""
+    def modulations(self, vec: Tensor) -> tuple[Tensor, Tensor]:
+        """The image and the text stream's adaLN modulations, each ``[b, 6h]``, of ``vec [b, h]``."""
+        return self.img_mod(vec), self.txt_mod(vec)
+
+    def forward(
+        self, img: Tensor, txt: Tensor, img_modulation: Tensor, txt_modulation: Tensor, pe: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """``img [s_img, b, h]``, ``txt [s_txt, b, h]``, their ``modulations(vec)`` -> updated (img, txt)."""
         norm = _norm_checkpoint(self)  # a LayerNorm + modulate op, through a checkpoint with ``layernorm``
-        img_mod1, img_mod2 = self.img_mod(vec)  # (shift, scale, gate), each [1, b, h]
-        txt_mod1, txt_mod2 = self.txt_mod(vec)
+        img_mod1, img_mod2 = self.img_mod.split(img_modulation)  # (shift, scale, gate), each [1, b, h]
+        txt_mod1, txt_mod2 = self.txt_mod.split(txt_modulation)
         img_norm, txt_norm = norm(), norm()
         img_in = img_norm(self.norm_modulate, img, img_mod1.shift, img_mod1.scale)
         txt_in = txt_norm(self.norm_modulate, txt, txt_mod1.shift, txt_mod1.scale)
@@ -143,9 +150,13 @@ class SingleStreamBlock(MegatronModule):
         self.mlp = build_module(submodules.mlp, config=config)
         _set_norm_ops(self, config)
 
-    def forward(self, x: Tensor, vec: Tensor, pe: Tensor) -> Tensor:
-        """``x [s_txt + s_img, b, h]`` -> same shape."""
-        (mod,) = self.modulation(vec)  # (shift, scale, gate), each [1, b, h]
+    def modulations(self, vec: Tensor) -> tuple[Tensor]:
+        """The adaLN modulation ``[b, 3h]`` of ``vec [b, h]``."""
+        return (self.modulation(vec),)
+
+    def forward(self, x: Tensor, modulation: Tensor, pe: Tensor) -> Tensor:
+        """``x [s_txt + s_img, b, h]``, its ``modulations(vec)`` -> same shape as ``x``."""
+        (mod,) = self.modulation.split(modulation)  # (shift, scale, gate), each [1, b, h]
         norm = _norm_checkpoint(self)()
         x_mod = norm(self.norm_modulate, x, mod.shift, mod.scale)
         attn, (mlp, mlp_bias) = self.self_attention(x_mod, pe), self.mlp(x_mod)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from megatron.core.enums import ModelType
@@ -24,6 +25,41 @@ from flux_nemo.shims import ensure_megatron_initialized
 # ``block_runner(block, *args)`` runs one block; training code uses it for recompute or an FP8 context. A runner
 # with a ``blocks()`` method (a context manager) has it entered once around all blocks of a forward.
 BlockRunner = Callable[..., object]
+
+
+class Conditioning(NamedTuple):
+    """The adaLN modulations of a batch: what the blocks and the final layer take from the conditioning vector
+    ``vec`` (timestep and pooled text embeddings), each module's ``modulations(vec)``, every tensor ``[b, n*h]``.
+
+    They depend on each sample's timestep and pooled text only, not on its tokens, so a training step can compute
+    them once for all its micro-batches (:meth:`Flux.conditioning` on the step's batch) and give each micro-batch its
+    rows (:meth:`rows`): the modulation weights (3.2 B of Flux.1's 11.9 B parameters) are then read, and their
+    gradients accumulated, once per step instead of once per micro-batch.
+    """
+
+    double: tuple[tuple[Tensor, ...], ...]  # per double block: (img, txt)
+    single: tuple[tuple[Tensor, ...], ...]  # per single block: (modulation,)
+    final: tuple[Tensor, ...]  # the final layer's (modulation,)
+
+    def groups(self) -> list[tuple[Tensor, ...]]:
+        """Each module's modulations: the double blocks', the single blocks', then the final layer's."""
+        return [*self.double, *self.single, self.final]
+
+    def tensors(self) -> list[Tensor]:
+        """Every tensor, in a fixed order (the order :meth:`map` keeps)."""
+        return [t for group in self.groups() for t in group]
+
+    def map(self, fn: Callable[[Tensor], Tensor]) -> Conditioning:
+        """The same structure with ``fn`` applied to each tensor."""
+        return Conditioning(
+            tuple(tuple(map(fn, g)) for g in self.double),
+            tuple(tuple(map(fn, g)) for g in self.single),
+            tuple(map(fn, self.final)),
+        )
+
+    def rows(self, start: int, stop: int) -> Conditioning:
+        """The samples ``start:stop`` of the batch."""
+        return self.map(lambda t: t[start:stop])
 
 
 class BlockList(nn.ModuleList):
@@ -81,8 +117,34 @@ class Flux(MegatronModule):
             sp.mark_sequence_parallel_params(self.double_blocks)
             sp.mark_sequence_parallel_params(self.single_blocks)
 
+    def conditioning(self, timesteps: Tensor, y: Tensor) -> Conditioning:
+        """Every block's and the final layer's adaLN modulations of the conditioning vector: the part of
+        :meth:`forward` that depends on the samples' timesteps and pooled text only (see :class:`Conditioning`).
+        ``timesteps [b]`` in [0, 1], ``y [b, vec_in_dim]``."""
+        return self.modulations(self.conditioning_vector(timesteps, y))
+
+    def conditioning_vector(self, timesteps: Tensor, y: Tensor) -> Tensor:
+        """``vec = time_in(timestep embedding) + vector_in(y)``, ``[b, h]``."""
+        dtype = self.img_in.weight.dtype  # like the reference, inputs take the parameters' dtype
+        return self.time_in(timestep_embedding(timesteps.to(dtype), 256)) + self.vector_in(y.to(dtype))
+
+    def modulations(self, vec: Tensor) -> Conditioning:
+        """Each block's and the final layer's ``modulations(vec)``."""
+        return Conditioning(
+            tuple(block.modulations(vec) for block in self.double_blocks),
+            tuple(block.modulations(vec) for block in self.single_blocks),
+            self.final_layer.modulations(vec),
+        )
+
     def forward(
-        self, img: Tensor, txt: Tensor, y: Tensor, timesteps: Tensor, img_ids: Tensor, txt_ids: Tensor
+        self,
+        img: Tensor,
+        txt: Tensor,
+        y: Tensor,
+        timesteps: Tensor,
+        img_ids: Tensor,
+        txt_ids: Tensor,
+        conditioning: Conditioning | None = None,
     ) -> Tensor:
         """Predict the flow-matching velocity of the image tokens.
 
@@ -93,6 +155,8 @@ class Flux(MegatronModule):
             timesteps: ``[b]`` in [0, 1].
             img_ids: ``[b or 1, s_img, 3]`` (0, row, col) ids; txt_ids: ``[b or 1, s_txt, 3]`` (zeros).
                 A batch size of 1 shares one RoPE table over the batch (lets the ``te`` spec use fused RoPE).
+            conditioning: ``self.conditioning(timesteps, y)`` computed beforehand (for example the rows of a whole
+                training step's); then ``y`` and ``timesteps`` are not read. Default: computed here.
 
         Returns:
             ``[b, s_img, in_channels]``, the whole sequence on every rank (also with sequence parallelism).
@@ -104,11 +168,12 @@ class Flux(MegatronModule):
         seq_par = self.config.sequence_parallel
         if seq_par:
             sp.check_divisible(img=img.shape[1], txt=txt.shape[1])
+        if conditioning is None:
+            conditioning = self.conditioning(timesteps, y)
         # Like the reference, inputs take the parameters' dtype.
         dtype = self.img_in.weight.dtype
-        img, txt, y, timesteps = (t.to(dtype) for t in (img, txt, y, timesteps))
+        img, txt = img.to(dtype), txt.to(dtype)
         img = self.img_in(img.transpose(0, 1))  # [s_img, b, h]
-        vec = self.time_in(timestep_embedding(timesteps, 256)) + self.vector_in(y)  # [b, h]
         txt = self.txt_in(txt.transpose(0, 1))  # [s_txt, b, h]
         pe = self.pe_embedder(_cat_ids(txt_ids, img_ids))  # [s_txt + s_img, b|1, 1, head_dim]
         single_pe = pe
@@ -118,16 +183,16 @@ class Flux(MegatronModule):
             txt = sp.scatter_tokens(txt, self.config)  # [s_txt / tp, b, h]
 
         with self.blocks_scope():
-            for block in self.double_blocks:
-                img, txt = self.run_block(block, img, txt, vec, pe)
+            for block, modulations in zip(self.double_blocks, conditioning.double, strict=True):
+                img, txt = self.run_block(block, img, txt, *modulations, pe)
             x = torch.cat([txt, img], dim=0)  # [s_txt + s_img, b, h] (sequence parallel: this rank's slices)
-            for block in self.single_blocks:
-                x = self.run_block(block, x, vec, single_pe)
+            for block, modulations in zip(self.single_blocks, conditioning.single, strict=True):
+                x = self.run_block(block, x, *modulations, single_pe)
         img = x[txt.shape[0] :]  # [s_img, b, h]
         if seq_par:
             img = sp.gather_tokens(img)  # [s_img, b, h]: the final layer runs on every token on every rank
 
-        img = self.final_layer(img, vec)  # [s_img, b, in_channels]
+        img = self.final_layer(img, *conditioning.final)  # [s_img, b, in_channels]
         return img.transpose(0, 1)  # [b, s_img, in_channels]
 
     def blocks_scope(self) -> contextlib.AbstractContextManager:

@@ -19,12 +19,14 @@ from megatron.core import parallel_state
 from omegaconf import DictConfig
 
 from flux_nemo import flow_matching as fm
+from flux_nemo.model import Conditioning
 from flux_nemo.training import cuda_graph
 from flux_nemo.training.block_runner import refresh_fp8_weights
 from flux_nemo.training.checkpoint import rng_state, set_rng_state
 from flux_nemo.training.config import check_batch_sizes, resolve_lr_warmup
 from flux_nemo.training.context_parallel import average_over_context_parallel, shard_inputs
 from flux_nemo.training.data import build_loaders, load_empty, record_shapes
+from flux_nemo.training.micro_batches import accumulate
 from flux_nemo.training.model_builder import build_model, compute_dtype
 from flux_nemo.training.optim import set_lr, warmup_constant_lr
 from flux_nemo.training.rng import add_training_stream, training_draws
@@ -136,22 +138,26 @@ class FluxTrainingModule(pl.LightningModule):
         return record_shapes(self.cfg, self.flux.config)
 
     # ------------------------------------------------------------------ training
-    def predict(self, inputs: fm.ModelInputs) -> torch.Tensor:
+    def predict(self, inputs: fm.ModelInputs, conditioning: Conditioning | None = None) -> torch.Tensor:
         """The network's velocity prediction; it computes in its parameters' dtype (bf16 on GPU, fp32 on CPU).
 
         x0, noise, x_t and the target are formed in ``precision.compute_dtype`` as the reference does. On CPU the
-        network stays fp32: Megatron's linear layers do not support CPU autocast.
+        network stays fp32: Megatron's linear layers do not support CPU autocast. ``conditioning``: the adaLN
+        modulations of these samples, computed beforehand (``flux_nemo.training.micro_batches``).
         """
-        return self.flux(
-            inputs.img, inputs.txt, inputs.y, inputs.timesteps, inputs.img_ids[:1], inputs.txt_ids[:1]
-        )
+        ids = inputs.img_ids[:1], inputs.txt_ids[:1]  # the same for every sample: one RoPE table
+        return self.flux(inputs.img, inputs.txt, inputs.y, inputs.timesteps, *ids, conditioning=conditioning)
 
-    def train_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Reference training loss of one micro-batch (fresh posterior sample, CFG dropout, t ~ U[0, 1))."""
+    def train_inputs(self, chunks: list[dict[str, torch.Tensor]]) -> list[fm.ModelInputs]:
+        """The reference training inputs of each micro-batch (fresh posterior sample, CFG dropout, t ~ U[0, 1)),
+        drawn micro-batch after micro-batch from the training stream; context parallel: this rank's tokens (same
+        draws on every CP rank)."""
         with training_draws():
-            inputs = fm.training_inputs(batch, self.empty, self.dtype_compute, self.cfg.train.cfg_dropout)
-        inputs = shard_inputs(inputs)  # context parallel: this rank's tokens (same draws on every CP rank)
-        return fm.mse_loss(self.predict(inputs), inputs.target)
+            inputs = [
+                fm.training_inputs(chunk, self.empty, self.dtype_compute, self.cfg.train.cfg_dropout)
+                for chunk in chunks
+            ]
+        return [shard_inputs(x) for x in inputs]
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
@@ -174,13 +180,16 @@ class FluxTrainingModule(pl.LightningModule):
         chunks = [
             {k: v[i : i + micro] for k, v in batch.items()} for i in range(0, len(batch["mean"]), micro)
         ]
+        inputs = self.train_inputs(chunks)
         strategy.zero_grad()
-        total = torch.zeros((), device=self.device)
-        for i, chunk in enumerate(chunks):
-            with strategy.grad_sync(enabled=i == len(chunks) - 1):
-                loss = self.train_loss(chunk)
-                self.manual_backward(loss / len(chunks))
-            total += loss.detach()
+        # The micro-batches, with the adaLN modulations computed once for all of them (training/micro_batches.py).
+        total = accumulate(
+            self.flux,
+            inputs,
+            lambda x, conditioning: fm.mse_loss(self.predict(x, conditioning), x.target),
+            grad_sync=lambda last: strategy.grad_sync(enabled=last),
+            backward=self.manual_backward,
+        )
         strategy.finish_grad_sync()
         return total / len(chunks)
 
