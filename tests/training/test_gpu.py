@@ -1,5 +1,6 @@
 """The GPU path: Megatron DDP + distributed optimizer (get_megatron_optimizer), bf16, Megatron dist checkpoints."""
 
+import functools
 import math
 
 import pytest
@@ -11,6 +12,30 @@ from flux_nemo.training.run import prepare
 pytestmark = pytest.mark.gpu
 
 GPU = ["system=h100_1x8", "system.devices=1", "precision=bf16", "model.backend=local"]
+# Megatron distributed checkpoints every 2 steps, and resume from the last one if the run directory has one.
+CKPT = [
+    "exp_manager.create_checkpoint_callback=true",
+    "exp_manager.checkpoint_callback_params.every_n_train_steps=2",
+    "exp_manager.resume_if_exists=true",
+]
+
+
+def fit_precision_aware(tiny_data, tmp_path, name: str, exp: str, *extra: str):
+    """A tiny GPU run with the precision-aware optimizer (MLPerf log ``name``, run directory ``exp``); returns the
+    prepared run and its training losses by step."""
+    logs = [f"mlperf.log_file={tmp_path}/{name}.txt", f"exp_manager.exp_dir={tmp_path}/{exp}"]
+    prepared = prepare(
+        compose_cfg(*GPU, *tiny_data, "precision.precision_aware_optimizer=true", *logs, *extra)
+    )  # fmt: skip
+    prepared.fit()
+    return prepared, train_losses(prepared.module.cfg.mlperf.log_file)
+
+
+def optimizer_states(prepared) -> list[dict]:
+    """The per-parameter states of a run's (Megatron) optimizer."""
+    from flux_nemo.training.optim import inner_optimizers
+
+    return [s for o in inner_optimizers(prepared.trainer.strategy.optimizers[0]) for s in o.state.values()]
 
 
 @pytest.mark.parametrize("stop", ["max_steps", "SIGTERM"])
@@ -23,12 +48,6 @@ def test_megatron_ddp_distributed_optimizer_and_dist_checkpoint_resume(tiny_data
     from lightning.pytorch.callbacks import Callback
     from megatron.core.distributed import DistributedDataParallel
     from megatron.core.optimizer import MegatronOptimizer
-
-    ckpt = [
-        "exp_manager.create_checkpoint_callback=true",
-        "exp_manager.checkpoint_callback_params.every_n_train_steps=2",
-        "exp_manager.resume_if_exists=true",
-    ]
 
     def dirs(name, exp):
         return [f"mlperf.log_file={tmp_path}/{name}.txt", f"exp_manager.exp_dir={tmp_path}/{exp}"]
@@ -46,7 +65,7 @@ def test_megatron_ddp_distributed_optimizer_and_dist_checkpoint_resume(tiny_data
             if trainer.global_step == 3:
                 os.kill(os.getpid(), signal.SIGTERM)
 
-    first = prepare(compose_cfg(*GPU, *tiny_data, *ckpt, *dirs("first", "resumed"), "train.max_steps=4"))
+    first = prepare(compose_cfg(*GPU, *tiny_data, *CKPT, *dirs("first", "resumed"), "train.max_steps=4"))
     if stop == "SIGTERM":
         first.trainer.callbacks.insert(0, Preempt())
     stopped_at = first.fit().steps
@@ -54,7 +73,7 @@ def test_megatron_ddp_distributed_optimizer_and_dist_checkpoint_resume(tiny_data
     saved = list((tmp_path / "resumed").rglob("*last/metadata.json"))
     assert len(saved) == 1, f"not one Megatron distributed *-last checkpoint: {saved}"
     assert "step=3." in saved[0].parent.name if stop == "SIGTERM" else "step=4." in saved[0].parent.name
-    second = prepare(compose_cfg(*GPU, *tiny_data, *ckpt, *dirs("second", "resumed")))
+    second = prepare(compose_cfg(*GPU, *tiny_data, *CKPT, *dirs("second", "resumed")))
     result = second.fit()
     assert result.steps == 6
     resumed = train_losses(second.module.cfg.mlperf.log_file)
@@ -91,24 +110,12 @@ def test_bf16_adam_moments_train_like_fp32_ones_and_resume(tiny_data, tmp_path):
     weights), the losses follow the fp32-moment run, and a run stopped at step 4 resumes from its Megatron
     distributed checkpoint with the bf16 moments restored (same losses as the straight run)."""
     pytest.importorskip("transformer_engine")
-    from flux_nemo.training.optim import inner_optimizers
 
-    paopt = ["precision.precision_aware_optimizer=true"]
-    ckpt = [
-        "exp_manager.create_checkpoint_callback=true",
-        "exp_manager.checkpoint_callback_params.every_n_train_steps=2",
-        "exp_manager.resume_if_exists=true",
-    ]
-
-    def run(name, exp, *extra):
-        logs = [f"mlperf.log_file={tmp_path}/{name}.txt", f"exp_manager.exp_dir={tmp_path}/{exp}"]
-        prepared = prepare(compose_cfg(*GPU, *tiny_data, *paopt, *logs, *extra))
-        prepared.fit()
-        return prepared, train_losses(prepared.module.cfg.mlperf.log_file)
+    run = functools.partial(fit_precision_aware, tiny_data, tmp_path)  # (name, exp, *overrides)
 
     _, fp32 = run("fp32", "fp32")
     straight, bf16 = run("bf16", "bf16", "precision.adam_moments_dtype=bf16")
-    states = [s for o in inner_optimizers(straight.trainer.strategy.optimizers[0]) for s in o.state.values()]
+    states = optimizer_states(straight)
     assert states and {s["exp_avg"].dtype for s in states} == {s["exp_avg_sq"].dtype for s in states} == {
         torch.bfloat16
     }
@@ -118,8 +125,8 @@ def test_bf16_adam_moments_train_like_fp32_ones_and_resume(tiny_data, tmp_path):
     assert bf16[1] == fp32[1]  # same init and batch: the moments only act from the first update on
     assert bf16 == pytest.approx(fp32, rel=1e-2)
 
-    run("first", "resumed", "precision.adam_moments_dtype=bf16", *ckpt, "train.max_steps=4")
-    _, resumed = run("second", "resumed", "precision.adam_moments_dtype=bf16", *ckpt)
+    run("first", "resumed", "precision.adam_moments_dtype=bf16", *CKPT, "train.max_steps=4")
+    _, resumed = run("second", "resumed", "precision.adam_moments_dtype=bf16", *CKPT)
     assert sorted(resumed) == [5, 6]
     assert resumed == pytest.approx({k: bf16[k] for k in resumed}, rel=1e-3)
 
@@ -199,30 +206,18 @@ def test_param_remainders_train_exactly_like_fp32_master_weights_and_resume(tiny
     values are the same; the bound allows for a different operation order in TE's remainder kernel); a run stopped
     at step 4 resumes from its Megatron distributed checkpoint (remainders restored) with the same losses."""
     pytest.importorskip("transformer_engine")
-    from flux_nemo.training.optim import inner_optimizers
 
-    paopt = ["precision.precision_aware_optimizer=true"]
-    ckpt = [
-        "exp_manager.create_checkpoint_callback=true",
-        "exp_manager.checkpoint_callback_params.every_n_train_steps=2",
-        "exp_manager.resume_if_exists=true",
-    ]
-
-    def run(name, exp, *extra):
-        logs = [f"mlperf.log_file={tmp_path}/{name}.txt", f"exp_manager.exp_dir={tmp_path}/{exp}"]
-        prepared = prepare(compose_cfg(*GPU, *tiny_data, *paopt, *logs, *extra))
-        prepared.fit()
-        return prepared, train_losses(prepared.module.cfg.mlperf.log_file)
+    run = functools.partial(fit_precision_aware, tiny_data, tmp_path)  # (name, exp, *overrides)
 
     _, full = run("full", "full")
     straight, remainders = run("remainders", "remainders", "precision.store_param_remainders=true")
-    states = [s for o in inner_optimizers(straight.trainer.strategy.optimizers[0]) for s in o.state.values()]
+    states = optimizer_states(straight)
     assert states and {s["master_param"].dtype for s in states} == {torch.int16}
     print(f"fp32 master {full}\nremainders {remainders}")
     assert sorted(remainders) == [1, 2, 3, 4, 5, 6]
     assert remainders == pytest.approx(full, rel=1e-5)
 
-    run("first", "resumed", "precision.store_param_remainders=true", *ckpt, "train.max_steps=4")
-    _, resumed = run("second", "resumed", "precision.store_param_remainders=true", *ckpt)
+    run("first", "resumed", "precision.store_param_remainders=true", *CKPT, "train.max_steps=4")
+    _, resumed = run("second", "resumed", "precision.store_param_remainders=true", *CKPT)
     assert sorted(resumed) == [5, 6]
     assert resumed == pytest.approx({k: remainders[k] for k in resumed}, rel=1e-3)
