@@ -2,7 +2,8 @@
 
 Loads the unsharded weights, inputs, output, gradients and AdamW-stepped weights of a single-rank run, loads this
 rank's Megatron shard of every weight in the layout of ``mode`` (:data:`MODES`), runs this rank's part of the batch
-and checks, each against the matching part of the single-rank run:
+(one micro-batch per sample, through the training step's ``accumulate``) and checks, each against the matching part
+of the single-rank run:
   * the output: this rank's slice of the tokens under context parallelism, else the whole output (tensor
     parallelism, with or without sequence parallelism, replicates it);
   * this rank's shard of every gradient after the reductions of training: summed over the context-parallel group
@@ -73,6 +74,7 @@ def main() -> None:
     from flux_nemo.flow_matching import ModelInputs
     from flux_nemo.model import FluxConfig, build_flux
     from flux_nemo.training.context_parallel import shard_inputs
+    from flux_nemo.training.micro_batches import accumulate
 
     device = torch.device(data["device"])
     config = FluxConfig.from_flavor("tiny", **layout, **data["config"])
@@ -112,9 +114,23 @@ def main() -> None:
             else:
                 raise AssertionError(f"an odd {name} length ran under sequence parallelism")
 
-    out = model(local.img, local.txt, local.y, local.timesteps, local.img_ids, local.txt_ids)
-    # The single-rank run's loss was sum(output * target); target is sliced like the image tokens.
-    (out.double() * local.target.double()).sum().backward()
+    # As the training step runs it: two micro-batches of one sample each, the adaLN modulations computed once for
+    # both (flux_nemo.training.micro_batches); the gradients must still be the single-rank, single-batch run's.
+    # That run's loss was sum(output * target); target is sliced like the image tokens.
+    micro_batches = [
+        local._replace(
+            **{f: getattr(local, f)[i : i + 1] for f in ("img", "txt", "y", "timesteps", "target")}
+        )
+        for i in range(len(local.y))
+    ]
+    outputs = []
+
+    def loss_fn(x, conditioning):
+        outputs.append(model(x.img, x.txt, x.y, x.timesteps, x.img_ids, x.txt_ids, conditioning=conditioning))
+        return len(micro_batches) * (outputs[-1].double() * x.target.double()).sum()  # accumulate divides
+
+    accumulate(model, micro_batches, loss_fn)
+    out = torch.cat(outputs)
 
     expected = data["output"].to(device)
     if cp_size > 1:
