@@ -20,16 +20,20 @@ from torch import Tensor
 from flux_nemo.model import recompute
 from flux_nemo.model.adaln import Modulation, ModulationOut
 from flux_nemo.model.attention import linear_out
-from flux_nemo.model.config import FluxConfig
+from flux_nemo.model.config import FluxConfig, gelu_tanh
 from flux_nemo.model.fusions import elementwise_ops
 
 
 class FluxMLP(MegatronModule):
     """Column-parallel Linear(h, mlp) -> GELU(tanh) -> row-parallel Linear(mlp, h), both with bias; the second
-    returns its bias unadded (``skip_bias_add``), for the block's fused gated residual to add."""
+    returns its bias unadded (``skip_bias_add``), for the block's fused gated residual to add. With
+    ``modulation_fusion`` the first one's bias is added by the fused bias + GELU op
+    (``flux_nemo.model.fusions.bias_gelu``), which also reduces its gradient."""
 
     def __init__(self, config: FluxConfig, submodules: MLPSubmodules):
         super().__init__(config)
+        fused = config.modulation_fusion and config.activation_func is gelu_tanh  # the op's activation
+        self.fused_bias_gelu = elementwise_ops(True).bias_gelu if fused else None
         self.linear_fc1 = build_module(
             submodules.linear_fc1,
             config.hidden_size,
@@ -38,7 +42,7 @@ class FluxMLP(MegatronModule):
             init_method=config.init_method,
             gather_output=False,
             bias=True,
-            skip_bias_add=False,
+            skip_bias_add=self.fused_bias_gelu is not None,
             is_expert=False,
             tp_comm_buffer_name="fc1",
         )
@@ -64,7 +68,11 @@ class FluxMLP(MegatronModule):
         return self._forward(x), self.linear_fc2.bias
 
     def _forward(self, x: Tensor) -> Tensor:
-        out, _ = self.linear_fc2(self.config.activation_func(linear_out(self.linear_fc1, x)))
+        if self.fused_bias_gelu is None:
+            hidden = self.config.activation_func(linear_out(self.linear_fc1, x))
+        else:
+            hidden = self.fused_bias_gelu(*self.linear_fc1(x))  # [s, b, mlp / tp] and its bias
+        out, _ = self.linear_fc2(hidden)
         return out
 
 

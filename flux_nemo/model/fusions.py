@@ -2,14 +2,15 @@
 fused QKV split, QK RMSNorm + RoPE of the attentions (``FluxConfig.qk_norm_rope_fusion``).
 
 Between its linears a Flux block runs only memory-bound elementwise work on ``[s, b, h]`` activations: LayerNorm
-then the adaLN modulate ``(1 + scale) * x + shift``, and the gated residual ``x + gate * (y + bias)``, where ``bias``
-is the bias of the row-parallel linear (attention ``linear_proj``, MLP ``linear_fc2``) that produced ``y``: those
-linears return it unadded (``skip_bias_add``) so that it is added here rather than by a kernel of its own (TE adds
-a row-parallel bias after the GEMM, in a separate pass, because it must follow the tensor-parallel reduction). Eager PyTorch runs
-each op as its own kernel (one read and one write of the activation per op, forward and backward). With
-``modulation_fusion`` the same functions go through ``torch.compile`` (Megatron-Core's ``jit_fuser`` idiom for its
-bias-GELU and bias-dropout-add fusions): one kernel per function and direction, computing in fp32 and rounding
-once, and saving only the LayerNorm input and statistics for backward (the normalised tensor is recomputed).
+then the adaLN modulate ``(1 + scale) * x + shift``, the MLP's bias + GELU (with ``modulation_fusion``), and the gated
+residual ``x + gate * (y + bias)``. There ``bias`` is the bias of the row-parallel linear that produced ``y``
+(attention ``linear_proj``, MLP ``linear_fc2``). Those linears return it unadded (``skip_bias_add``), so that it is
+added here rather than in a kernel of its own: TE adds a row-parallel bias after the GEMM, in a separate pass,
+because it must follow the tensor-parallel reduction. Eager PyTorch runs each op as its own kernel (one read and
+one write of the activation per op, forward and backward). With ``modulation_fusion`` the same functions go through
+``torch.compile`` (Megatron-Core's ``jit_fuser`` idiom for its bias-GELU and bias-dropout-add fusions): one kernel
+per function and direction, computing in fp32 and rounding once, and saving only the LayerNorm input and
+statistics for backward (the normalised tensor is recomputed).
 
 Every function computes the same math in both modes; only the kernels (and bf16 rounding of intermediates)
 differ. ``FusedOps``/``EAGER`` hold the two sets; a block picks one with :func:`elementwise_ops`.
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from flux_nemo.model.config import gelu_tanh
 from flux_nemo.model.embeddings import rotate_interleaved
 
 
@@ -56,6 +58,14 @@ def gated_residual_sum(x: Tensor, gate: Tensor, a: Tensor, b: Tensor, bias: Tens
     """``x + gate * (a + b + bias)``: the single block's parallel attention + MLP branches and the one bias of
     BFL's ``linear2`` (carried by the MLP's ``linear_fc2``)."""
     return x + gate * (a + b + bias)
+
+
+def bias_gelu(y: Tensor, bias: Tensor) -> Tensor:
+    """``gelu_tanh(y + bias)``: the MLP's fc1 output ``y [s, b, mlp]`` with the bias the linear left unadded, and the
+    activation. Compiled, the bias add rides on the GELU kernel and the bias gradient on its backward: with bf16
+    GEMMs, cuBLAS reduces a fused-in bias's gradient in a kernel of its own (``globalKernelBgradAB``: ~4.9 ms per
+    4-micro-batch step at 2 + 4 blocks for the QKV and fc1 biases, H100 profile)."""
+    return gelu_tanh(y + bias)
 
 
 def qkv_norm_rope(
@@ -146,9 +156,12 @@ class ElementwiseOps:
     gated_residual: Callable[..., Tensor]
     gated_residual_norm_modulate: Callable[..., tuple[Tensor, Tensor]]
     gated_residual_sum: Callable[..., Tensor]
+    bias_gelu: Callable[..., Tensor]
 
 
-EAGER = ElementwiseOps(norm_modulate, gated_residual, gated_residual_norm_modulate, gated_residual_sum)
+EAGER = ElementwiseOps(
+    norm_modulate, gated_residual, gated_residual_norm_modulate, gated_residual_sum, bias_gelu
+)
 
 
 @functools.cache

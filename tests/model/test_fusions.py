@@ -160,3 +160,18 @@ def test_fused_joint_qkv_op_serves_many_stream_lengths_without_hitting_the_recom
                 strict=True,
             ):
                 torch.testing.assert_close(out, want)
+
+
+def test_modulation_fusion_moves_the_fc1_bias_into_the_fused_gelu(megatron_world):
+    """With the flag, fc1 returns its bias (``skip_bias_add``) to the compiled bias + GELU op; without it (or with
+    another activation) fc1 adds it itself and the activation runs plainly."""
+    fused = build_flux(FluxConfig.from_flavor("tiny", modulation_fusion=True), backend="local")
+    mlps = [fused.double_blocks[0].img_mlp, fused.single_blocks[0].mlp]
+    assert all(m.fused_bias_gelu is fused_ops().bias_gelu and m.linear_fc1.skip_bias_add for m in mlps)
+    plain = build_flux(FluxConfig.from_flavor("tiny"), backend="local")
+    assert plain.single_blocks[0].mlp.fused_bias_gelu is None
+    assert not plain.single_blocks[0].mlp.linear_fc1.skip_bias_add
+    relu = build_flux(
+        FluxConfig.from_flavor("tiny", modulation_fusion=True, activation_func=torch.relu), "local"
+    )
+    assert relu.single_blocks[0].mlp.fused_bias_gelu is None
