@@ -20,8 +20,9 @@ for one entry; with ``paopt`` Adam reads them directly), ``bf16adam`` (``precisi
 
 Prints ms/step (median), samples/s, model TFLOP/s per GPU (0.3574 TFLOP per block per sample at 256 + 256
 tokens, MLPerf accounting) and peak memory, then a table with the ratio to the first peer row. ``--profile N``
-profiles N more steps of each row: the top kernels, then the GPU's idle time per step and its longest idle
-intervals (``bench/gpu_idle.py``); ``--trace PATH`` also writes each row's Chrome trace.
+profiles N more steps of each row: the top kernels, the kernel time by kind (``bench/kernel_kinds.py``), then the
+GPU's idle time per step and its longest idle intervals (``bench/gpu_idle.py``); ``--trace PATH`` also writes each
+row's Chrome trace.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from torch.profiler import record_function
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench import gpu_idle  # noqa: E402
+from bench import gpu_idle, kernel_kinds  # noqa: E402
 from bench.options import OPTIONS  # noqa: E402
 from bench.peer_diffusers import build_peer, peer_batch, peer_step  # noqa: E402
 
@@ -242,6 +243,8 @@ def profile(name: str, step, steps: int, trace: Path | None = None) -> None:
     if RANK == 0:
         print(f"# profile of {name}, {steps} steps (times are totals over them)")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70))
+        print(f"# kernel time by kind ({name})")
+        print(kernel_kinds.table(kernel_kinds.by_kind(kernel_kinds.from_profiler(prof), steps)))
         gpu_idle.report(prof, steps)
         if trace:
             prof.export_chrome_trace(str(trace))
