@@ -152,7 +152,7 @@ class _FluxAttention(MegatronModule):
             init_method=config.init_method,
             gather_output=False,
             bias=config.qkv_bias,
-            skip_bias_add=False,
+            skip_bias_add=self.fused_norm_rope is not None,  # the fused op adds it (flux_nemo.model.fusions)
             is_expert=False,
             tp_comm_buffer_name="qkv",
         )
@@ -176,12 +176,12 @@ class _FluxAttention(MegatronModule):
             tp_comm_buffer_name="proj",
         )
 
-    def _qkv(self, x: Tensor, linear) -> Tensor:
+    def _qkv(self, x: Tensor, linear) -> tuple[Tensor, Tensor | None]:
         """``[s, b, h]`` -> the QKV projection ``[s, b, np, 3 * hn]`` in Megatron's per-head ``[q_h, k_h, v_h]``
         layout (``np`` heads on this rank, ``s`` tokens after the projection: all of them under sequence
-        parallelism)."""
-        mixed = linear_out(linear, x)  # [s, b, 3 * h / tp]
-        return mixed.view(*mixed.shape[:2], self.heads_per_rank, 3 * self.config.kv_channels)
+        parallelism), and its bias ``[np * 3 * hn]`` if the linear left it for the fused op (else None)."""
+        mixed, bias = linear(x)  # [s, b, 3 * h / tp]; the bias only with skip_bias_add
+        return mixed.view(*mixed.shape[:2], self.heads_per_rank, 3 * self.config.kv_channels), bias
 
     @staticmethod
     def _norm_qk(mixed: Tensor, q_norm, k_norm) -> tuple[Tensor, Tensor, Tensor]:
@@ -218,14 +218,16 @@ class JointSelfAttention(_FluxAttention):
     ) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
         """Modulated ``img [s_img, b, h]``, ``txt [s_txt, b, h]``, RoPE angles ``pe`` -> the img and the txt output,
         each as ``(projection without its bias, bias [h])``."""
-        img_mixed = self._qkv(img, self.img_linear_qkv)
-        txt_mixed = self._qkv(txt, self.txt_linear_qkv)
+        img_mixed, img_bias = self._qkv(img, self.img_linear_qkv)
+        txt_mixed, txt_bias = self._qkv(txt, self.txt_linear_qkv)
         if self.fused_norm_rope is not None:  # pe: the angles of the joint sequence, text first
             q, k, v = self.fused_norm_rope(
                 txt_mixed,
+                txt_bias,
                 self.txt_q_layernorm.weight,
                 self.txt_k_layernorm.weight,
                 img_mixed,
+                img_bias,
                 self.img_q_layernorm.weight,
                 self.img_k_layernorm.weight,
                 *rope_cos_sin(pe, txt_mixed.dtype),  # small, computed unfused
@@ -256,10 +258,10 @@ class SelfAttention(_FluxAttention):
 
     def forward(self, x: Tensor, pe: Tensor) -> Tensor:
         """Modulated ``x [s, b, h]`` -> attention output ``[s, b, h]`` (no bias)."""
-        mixed = self._qkv(x, self.linear_qkv)
+        mixed, bias = self._qkv(x, self.linear_qkv)
         if self.fused_norm_rope is not None:
             weights = (self.q_layernorm.weight, self.k_layernorm.weight)
-            q, k, v = self.fused_norm_rope(mixed, *weights, *rope_cos_sin(pe, mixed.dtype), QK_NORM_EPS)
+            q, k, v = self.fused_norm_rope(mixed, bias, *weights, *rope_cos_sin(pe, mixed.dtype), QK_NORM_EPS)
         else:
             q, k, v = self._norm_qk(mixed, self.q_layernorm, self.k_layernorm)
         out, _ = self.linear_proj(self._attend(q, k, v, pe))  # no bias: (out, None)

@@ -69,11 +69,19 @@ def bias_gelu(y: Tensor, bias: Tensor) -> Tensor:
 
 
 def qkv_norm_rope(
-    mixed: Tensor, q_weight: Tensor, k_weight: Tensor, cos: Tensor, sin: Tensor, eps: float
+    mixed: Tensor,
+    bias: Tensor | None,
+    q_weight: Tensor,
+    k_weight: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    eps: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One attention's QKV projection to the core attention's q, k and v, with the QK RMSNorm and RoPE.
 
-    ``mixed [s, b, np, 3 * hn]`` is the projection in Megatron's per-head ``[q_h, k_h, v_h]`` layout; ``q_weight``,
+    ``mixed [s, b, np, 3 * hn]`` is the projection in Megatron's per-head ``[q_h, k_h, v_h]`` layout; ``bias`` its
+    bias (``[np * 3 * hn]``, same layout) if the linear left it unadded, added first (compiled, its gradient is
+    reduced in this op's backward instead of in a cuBLAS bias-gradient kernel of its own); ``q_weight``,
     ``k_weight [hn]`` are the norm weights; ``cos``, ``sin [s, b|1, 1, hn]`` are those of the RoPE angles
     (``embeddings.rope_cos_sin``). Returns q and k normalised then rotated, and v, each ``[s, b, np, hn]`` and
     contiguous (the layout the core attention takes).
@@ -82,32 +90,40 @@ def qkv_norm_rope(
     (:class:`~flux_nemo.model.attention.RMSNorm`), then the rotation
     (:func:`~flux_nemo.model.embeddings.apply_interleaved_rope`) computes in fp32 and rounds again.
     """
-    return _qkv_norm_rope_joined(((mixed, q_weight, k_weight),), cos, sin, eps)
+    return _qkv_norm_rope_joined(((mixed, bias, q_weight, k_weight),), cos, sin, eps)
 
 
 def joint_qkv_norm_rope(
     txt_mixed: Tensor,
+    txt_bias: Tensor | None,
     txt_q_weight: Tensor,
     txt_k_weight: Tensor,
     img_mixed: Tensor,
+    img_bias: Tensor | None,
     img_q_weight: Tensor,
     img_k_weight: Tensor,
     cos: Tensor,
     sin: Tensor,
     eps: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`qkv_norm_rope` of the double block's two streams, each with its own norm weights, joined along the
-    sequence, text first: q, k and v ``[s_txt + s_img, b, np, hn]``; ``cos``, ``sin`` are the joint sequence's."""
-    streams = ((txt_mixed, txt_q_weight, txt_k_weight), (img_mixed, img_q_weight, img_k_weight))
+    """:func:`qkv_norm_rope` of the double block's two streams, each with its own bias and norm weights, joined
+    along the sequence, text first: q, k and v ``[s_txt + s_img, b, np, hn]``; ``cos``, ``sin`` are the joint
+    sequence's."""
+    streams = (
+        (txt_mixed, txt_bias, txt_q_weight, txt_k_weight),
+        (img_mixed, img_bias, img_q_weight, img_k_weight),
+    )
     return _qkv_norm_rope_joined(streams, cos, sin, eps)
 
 
 def _qkv_norm_rope_joined(
-    streams: tuple[tuple[Tensor, Tensor, Tensor], ...], cos: Tensor, sin: Tensor, eps: float
+    streams: tuple[tuple[Tensor, Tensor | None, Tensor, Tensor], ...], cos: Tensor, sin: Tensor, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     q, k, v = [], [], []
     start = 0
-    for mixed, q_weight, k_weight in streams:
+    for mixed, bias, q_weight, k_weight in streams:
+        if bias is not None:
+            mixed = mixed + bias.view(mixed.shape[-2:])  # [np, 3 * hn], broadcast over [s, b]
         end = start + mixed.shape[0]
         cos_s, sin_s = cos[start:end], sin[start:end]
         q_s, k_s, v_s = mixed.chunk(3, dim=-1)

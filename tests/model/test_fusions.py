@@ -82,7 +82,14 @@ def test_qkv_norm_rope_rounds_like_the_norm_modules_then_rope(megatron_world, dt
     the per-head split of Megatron's QKV layout, RMSNorm in fp32 rounded to the input dtype, then RoPE in fp32
     rounded again; v unchanged. All three come out contiguous, as the core attention takes them."""
     mixed, norms, pe = qkv_case(dtype, 12, 0)
-    fused = qkv_norm_rope(mixed, norms[0].weight, norms[1].weight, *rope_cos_sin(pe, dtype), QK_NORM_EPS)
+    bias = torch.randn(mixed.shape[-2:], generator=torch.Generator().manual_seed(4)).to(dtype).flatten()
+    weights = (norms[0].weight, norms[1].weight)
+    fused = qkv_norm_rope(mixed, bias, *weights, *rope_cos_sin(pe, dtype), QK_NORM_EPS)
+    assert not torch.equal(fused[2], mixed.chunk(3, dim=-1)[2])  # the bias is added
+    mixed = mixed + bias.view(mixed.shape[-2:])  # what a linear that adds its own bias gives
+    assert all(
+        map(torch.equal, qkv_norm_rope(mixed, None, *weights, *rope_cos_sin(pe, dtype), QK_NORM_EPS), fused)
+    )
     q, k, v = mixed.chunk(3, dim=-1)
     expected = (apply_interleaved_rope(norms[0](q), pe), apply_interleaved_rope(norms[1](k), pe), v)
     for out, want in zip(fused, expected, strict=True):
@@ -97,11 +104,16 @@ def test_joint_qkv_norm_rope_joins_the_streams_text_first(megatron_world):
     img, img_norms, _ = qkv_case(torch.bfloat16, 7, 2)
     _, _, pe = qkv_case(torch.bfloat16, 12, 3)
     cos, sin = rope_cos_sin(pe, torch.bfloat16)
-    joint = joint_qkv_norm_rope(
-        txt, *(n.weight for n in txt_norms), img, *(n.weight for n in img_norms), cos, sin, QK_NORM_EPS
+    gen = torch.Generator().manual_seed(5)
+    txt_bias, img_bias = (
+        torch.randn(txt.shape[-2] * txt.shape[-1], generator=gen).bfloat16() for _ in range(2)
     )
-    each_txt = qkv_norm_rope(txt, *(n.weight for n in txt_norms), cos[:5], sin[:5], QK_NORM_EPS)
-    each_img = qkv_norm_rope(img, *(n.weight for n in img_norms), cos[5:], sin[5:], QK_NORM_EPS)
+    joint = joint_qkv_norm_rope(
+        txt, txt_bias, *(n.weight for n in txt_norms), img, img_bias, *(n.weight for n in img_norms), cos, sin,
+        QK_NORM_EPS,
+    )  # fmt: skip
+    each_txt = qkv_norm_rope(txt, txt_bias, *(n.weight for n in txt_norms), cos[:5], sin[:5], QK_NORM_EPS)
+    each_img = qkv_norm_rope(img, img_bias, *(n.weight for n in img_norms), cos[5:], sin[5:], QK_NORM_EPS)
     for out, t, i in zip(joint, each_txt, each_img, strict=True):
         assert out.shape == (12, 2, 3, t.shape[-1])
         assert torch.equal(out, torch.cat([t, i]))
@@ -152,7 +164,7 @@ def test_fused_joint_qkv_op_serves_many_stream_lengths_without_hitting_the_recom
             txt, txt_norms, _ = qkv_case(torch.float32, n_txt, 1)
             img, img_norms, _ = qkv_case(torch.float32, n_img, 2)
             _, _, pe = qkv_case(torch.float32, n_txt + n_img, 3)
-            args = (txt, *(n.weight for n in txt_norms), img, *(n.weight for n in img_norms))
+            args = (txt, None, *(n.weight for n in txt_norms), img, None, *(n.weight for n in img_norms))
             cos_sin = rope_cos_sin(pe, torch.float32)
             for out, want in zip(
                 fused(*args, *cos_sin, QK_NORM_EPS),
