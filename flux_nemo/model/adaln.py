@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -17,12 +18,8 @@ from torch import Tensor, nn
 from flux_nemo import shims
 from flux_nemo.model.config import FluxConfig
 from flux_nemo.model.embeddings import param_device, replicated_linear
+from flux_nemo.model.fusions import elementwise_ops
 from flux_nemo.model.main_grad import linear
-
-
-def layer_norm(x: Tensor, config: FluxConfig) -> Tensor:
-    """LayerNorm over the hidden dim without affine parameters (eps 1e-6 in Flux)."""
-    return F.layer_norm(x, (x.shape[-1],), eps=config.layernorm_epsilon)
 
 
 @dataclass
@@ -32,10 +29,6 @@ class ModulationOut:
     shift: Tensor
     scale: Tensor
     gate: Tensor | None = None
-
-    def modulate(self, x: Tensor) -> Tensor:
-        """``(1 + scale) * x + shift``."""
-        return (1 + self.scale) * x + self.shift
 
 
 class ModulationLinear(MegatronModule):
@@ -119,12 +112,15 @@ class Modulation(MegatronModule):
 
 
 class LastLayer(MegatronModule):
-    """Final adaLN (shift, scale) + LayerNorm + Linear(h, in_channels)."""
+    """Final adaLN (shift, scale) + LayerNorm + Linear(h, in_channels). The LayerNorm + modulate is the blocks' op
+    (one compiled kernel per direction with ``modulation_fusion``)."""
 
     def __init__(self, config: FluxConfig):
         super().__init__(config)
         self.adaLN_modulation = Modulation(config, num_chunks=2, sequence_split=False)  # after the gather
         self.linear = replicated_linear(config, config.hidden_size, config.in_channels)
+        ops = elementwise_ops(config.modulation_fusion)
+        self.norm_modulate = functools.partial(ops.norm_modulate, eps=config.layernorm_epsilon)
 
     def modulations(self, vec: Tensor) -> tuple[Tensor]:
         """The adaLN modulation ``[b, 2h]`` of ``vec [b, h]`` (``Flux.conditioning``)."""
@@ -133,4 +129,4 @@ class LastLayer(MegatronModule):
     def forward(self, x: Tensor, modulation: Tensor) -> Tensor:
         """``x [s, b, h]``, its ``modulations(vec)`` -> ``[s, b, in_channels]``."""
         (mod,) = self.adaLN_modulation.split(modulation)
-        return self.linear(mod.modulate(layer_norm(x, self.config)))
+        return self.linear(self.norm_modulate(x, mod.shift, mod.scale))
