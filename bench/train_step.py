@@ -16,7 +16,8 @@ A ``--precision`` entry is a precision (``conf/precision``) with optional ``+`` 
 (``model.modulation_fusion=true``), ``paopt`` (``precision.precision_aware_optimizer=true``), ``qkrope``
 (``model.qk_norm_rope_fusion=true``), ``bf16grad`` (bf16 gradient buffers and reduction, as ``--grad-reduce-bf16``
 for one entry; with ``paopt`` Adam reads them directly), ``bf16adam`` (``precision.adam_moments_dtype=bf16``, needs
-``paopt``), ``remainders`` (``precision.store_param_remainders=true``, needs ``paopt``), ``blockgroups`` (``parallel.optimizer_groups_per_block=true``: one Adam param group per block).
+``paopt``), ``remainders`` (``precision.store_param_remainders=true``, needs ``paopt``), ``blockgroups``
+(``parallel.optimizer_groups_per_block=true``: one Adam param group per block).
 
 Prints ms/step (median), samples/s, model TFLOP/s per GPU (0.3574 TFLOP per block per sample at 256 + 256
 tokens, MLPerf accounting) and peak memory, then a table with the ratio to the first peer row. ``--profile N``

@@ -2,9 +2,9 @@
 
 All tensors are ``[s, b, h]``; the RoPE angles ``pe`` are ``[s_txt + s_img, b|1, 1, head_dim]``. A block takes its
 adaLN modulations as tensors (``modulations(vec)`` of the conditioning vector ``vec [b, h]``, each ``[b, n*h]``), so
-that ``Flux.conditioning`` can compute them for a whole training step at once. Selective recompute (``FluxConfig.recompute_modules``, see
-``flux_nemo.model.recompute``): ``mlp`` re-runs each MLP in the backward pass, ``layernorm`` each LayerNorm +
-modulate (its output is freed once the linears that read it ran).
+that ``Flux.conditioning`` can compute them for a whole training step at once. Selective recompute
+(``FluxConfig.recompute_modules``, see ``flux_nemo.model.recompute``): ``mlp`` re-runs each MLP in the backward
+pass, ``layernorm`` each LayerNorm + modulate (its output is freed once the linears that read it ran).
 """
 
 from __future__ import annotations

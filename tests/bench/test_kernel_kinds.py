@@ -12,7 +12,7 @@ NAMES = {  # kernel names as the thirteenth session's H100 trace has them (short
     "void cudnn::fusion::compute_dot_do_o_specialized<true, 128>": "attention",
     "cast_transpose_optimized_kernel(__nv_bfloat16 const*, float const*, __nv_fp8_e4m3*": "fp8 cast/amax",
     "triton_red_fused_add_mul_native_layer_norm_0": "compiled (triton)",
-    "void multi_tensor_apply_kernel<TensorListMetadata<5, false>, transformer_engine::multi_tensor_adam": "adam/multi-tensor",
+    "void multi_tensor_apply_kernel<TensorListMetadata<5, false>, multi_tensor_adam": "adam/multi-tensor",
     "void at::native::vectorized_elementwise_kernel<8, at::native::GeluBackwardCUDAKernelImpl": "gelu",
     "void at::native::(anonymous namespace)::CatArrayBatchedCopy_vectorized<OpaqueType<2u>>": "concat",
     "void at::native::vectorized_elementwise_kernel<8, at::native::CUDAFunctor_add<c10::BFloat16>": "add",

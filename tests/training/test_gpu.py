@@ -137,9 +137,9 @@ def test_gradient_accumulation_fusion_trains_like_autograd_accumulation(
 ):
     """``parallel.gradient_accumulation_fusion``: TE's linears and our own (``flux_nemo.model.main_grad``: adaLN
     modulations, embedders, final layer) add their weight gradients straight into Megatron DDP's ``main_grad`` over
-    the 2 micro-batches of each step. The run follows the one where autograd writes ``.grad`` and DDP's hook adds it: same losses, and
-    every trained weight (the modulations included: a dropped or doubled gradient would move them differently)
-    within bf16 rounding of the other run's."""
+    the 2 micro-batches of each step. The run follows the one where autograd writes ``.grad`` and DDP's hook adds
+    it: same losses, and every trained weight (the modulations included: a dropped or doubled gradient would move
+    them differently) within bf16 rounding of the other run's."""
     pytest.importorskip("transformer_engine")
 
     def run(name, fusion):
