@@ -141,6 +141,10 @@ class MegatronStrategy(DDPStrategy):
             raise ValueError(
                 "precision.precision_aware_optimizer=true needs the GPU path (Megatron distributed optimizer)"
             )
+        if self.cfg.parallel.optimizer_groups_per_block:
+            raise ValueError(
+                "parallel.optimizer_groups_per_block=true needs the GPU path (Megatron optimizer)"
+            )
         return build_torch_adamw(module.flux.parameters(), module.lr)
 
     # ------------------------------------------------------------------ step

@@ -1,6 +1,7 @@
 """End-to-end CPU runs of the tiny Flux through the recipe's code path (strategy, module, callbacks)."""
 
 import math
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -192,9 +193,14 @@ def test_sigterm_saves_a_checkpoint_and_stops(tiny_data, run_dirs):
     assert (Path(result.log_dir) / "checkpoints" / "preempted-step2-last" / "state.pt").exists()
 
 
-def test_precision_aware_optimizer_is_refused_on_the_cpu_path(tiny_data, run_dirs):
-    with pytest.raises(ValueError, match=r"precision\.precision_aware_optimizer=true needs the GPU path"):
-        prepare(compose_cfg(*tiny_data, *run_dirs, "precision.precision_aware_optimizer=true")).fit()
+@pytest.mark.parametrize(
+    "key",
+    ["precision.precision_aware_optimizer", "parallel.optimizer_groups_per_block"],
+    ids=["paopt", "groups"],
+)
+def test_gpu_optimizer_options_are_refused_on_the_cpu_path(tiny_data, run_dirs, key):
+    with pytest.raises(ValueError, match=rf"{re.escape(key)}=true needs the GPU path"):
+        prepare(compose_cfg(*tiny_data, *run_dirs, f"{key}=true")).fit()
 
 
 @pytest.mark.parametrize("topology", [("system.devices=2",), ("system.num_nodes=2",)])
