@@ -9,4 +9,5 @@ OPTIONS = {
     "bf16adam": ["precision.adam_moments_dtype=bf16"],  # needs paopt
     "remainders": ["precision.store_param_remainders=true"],  # needs paopt
     "blockgroups": ["parallel.optimizer_groups_per_block=true"],  # one Adam param group per block
+    "permbmod": ["train.modulations_once_per_step=false"],  # the adaLN modulations in every micro-batch
 }

@@ -17,7 +17,8 @@ A ``--precision`` entry is a precision (``conf/precision``) with optional ``+`` 
 (``model.qk_norm_rope_fusion=true``), ``bf16grad`` (bf16 gradient buffers and reduction, as ``--grad-reduce-bf16``
 for one entry; with ``paopt`` Adam reads them directly), ``bf16adam`` (``precision.adam_moments_dtype=bf16``, needs
 ``paopt``), ``remainders`` (``precision.store_param_remainders=true``, needs ``paopt``), ``blockgroups``
-(``parallel.optimizer_groups_per_block=true``: one Adam param group per block).
+(``parallel.optimizer_groups_per_block=true``: one Adam param group per block), ``permbmod``
+(``train.modulations_once_per_step=false``: the adaLN modulations in every micro-batch's forward).
 
 Prints ms/step (median), samples/s, model TFLOP/s per GPU (0.3574 TFLOP per block per sample at 256 + 256
 tokens, MLPerf accounting) and peak memory, then a table with the ratio to the first peer row. ``--profile N``
@@ -120,9 +121,10 @@ def build_ours(args, precision: str):
         param_remainders=cfg.precision.store_param_remainders,
         overlap_param_gather=cfg.parallel.overlap_param_gather,
     )  # fmt: skip
-    return model, build_megatron_optimizer(
+    optimizer = build_megatron_optimizer(
         [model], opt_config, per_block_groups=cfg.parallel.optimizer_groups_per_block
     )
+    return model, optimizer, cfg.train.modulations_once_per_step
 
 
 BATCH_KEYS = ("img", "txt", "y", "t", "img_ids", "txt_ids", "target")
@@ -136,10 +138,11 @@ def our_batch(batch: int, device):
     )  # fmt: skip
 
 
-def forward_backward(model, batch, micro_batches: int):
+def forward_backward(model, batch, micro_batches: int, once_per_step: bool = True):
     """Zero the gradients, accumulate ``micro_batches`` micro-batches (reduction on the last one only) as the
     training step does (``flux_nemo.training.micro_batches.accumulate``: the adaLN modulations once for all of
-    them), finalize the gradients (data- and tensor-parallel reductions); returns the mean loss."""
+    them, unless ``once_per_step`` is off), finalize the gradients (data- and tensor-parallel reductions); returns
+    the mean loss."""
     from megatron.core.distributed import finalize_model_grads
 
     from flux_nemo.flow_matching import ModelInputs
@@ -152,19 +155,25 @@ def forward_backward(model, batch, micro_batches: int):
     model.zero_grad_buffer()
     inputs = [ModelInputs(*batch)] * micro_batches  # the same samples in every micro-batch
     total = accumulate(
-        model, inputs, loss_fn, grad_sync=lambda last: contextlib.nullcontext() if last else model.no_sync()
+        model,
+        inputs,
+        loss_fn,
+        grad_sync=lambda last: contextlib.nullcontext() if last else model.no_sync(),
+        once_per_step=once_per_step,
     )
     finalize_model_grads([model])
     return total / micro_batches
 
 
-def graphed_forward_backward(model, micro_batches: int):
+def graphed_forward_backward(model, micro_batches: int, once_per_step: bool = True):
     """:func:`forward_backward` as the recipe's ``parallel.cuda_graph=full_iteration`` runs it: a
     ``GraphedStep`` (2 eager calls, then captured once and replayed) on the current (side) stream."""
     from flux_nemo.training import cuda_graph
 
     graphed = cuda_graph.GraphedStep(
-        lambda static: forward_backward(model, tuple(static[k] for k in BATCH_KEYS), micro_batches),
+        lambda static: forward_backward(
+            model, tuple(static[k] for k in BATCH_KEYS), micro_batches, once_per_step
+        ),
         name="benchmark step",
         warmup=2,
         stream=torch.cuda.current_stream(),
@@ -332,11 +341,13 @@ def main() -> None:
         release_memory()
     for precision in args.precision:
         try:
-            model, opt = build_ours(args, precision)
+            model, opt, once = build_ours(args, precision)
             fwd_bwd = (
-                graphed_forward_backward(model, args.micro_batches)
+                graphed_forward_backward(model, args.micro_batches, once)
                 if args.cuda_graph
-                else functools.partial(forward_backward, model, micro_batches=args.micro_batches)
+                else functools.partial(
+                    forward_backward, model, micro_batches=args.micro_batches, once_per_step=once
+                )
             )
             if RANK == 0:
                 print(f"# {precision}: built, {gib(torch.cuda.memory_allocated())} GiB allocated", flush=True)

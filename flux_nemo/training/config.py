@@ -165,6 +165,9 @@ class TrainConfig:
     seed: int | None = None  # None: fresh from /dev/urandom (logged once via MLPerf "seed")
     log_every_n_steps: int = 10
     synthetic_warmup_steps: int = 2  # untimed steps before run_start (weights unchanged)
+    # The adaLN modulations once per optimizer step for all micro-batches (training/micro_batches.py), or (false)
+    # in each micro-batch's forward; same math
+    modulations_once_per_step: bool = True
     checkpoint_on_stop: bool = True  # save on SIGTERM/SIGUSR1 and on a non-finite loss
 
 

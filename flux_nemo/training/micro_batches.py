@@ -39,6 +39,7 @@ def accumulate(
     loss_fn: Callable[[ModelInputs, Conditioning], Tensor],
     grad_sync: Callable[[bool], contextlib.AbstractContextManager] = lambda last: contextlib.nullcontext(),
     backward: Callable[[Tensor], None] = Tensor.backward,
+    once_per_step: bool = True,
 ) -> Tensor:
     """Forward + backward of each micro-batch in ``inputs``, each loss divided by the number of micro-batches;
     returns the sum of the (undivided) losses, detached.
@@ -46,8 +47,11 @@ def accumulate(
     ``model`` is Flux or its Megatron DDP wrapper; ``loss_fn(x, conditioning)`` is a micro-batch's loss, its
     prediction from ``model(..., conditioning=conditioning)``. ``grad_sync(last)`` is the context of a micro-batch
     (gradient reduction only on the last); every modulation gradient is produced inside the last one. ``backward``
-    is how a loss is backpropagated (Lightning's ``manual_backward``).
+    is how a loss is backpropagated (Lightning's ``manual_backward``). ``once_per_step=False`` is the plain loop
+    (``train.modulations_once_per_step=false``): ``loss_fn(x, None)``, each forward computes its own modulations.
     """
+    if not once_per_step:
+        return _plain(inputs, loss_fn, grad_sync, backward)
     flux = network(model)
     vec = flux.conditioning_vector(torch.cat([x.timesteps for x in inputs]), torch.cat([x.y for x in inputs]))
     vec_leaf = vec.detach().requires_grad_()
@@ -69,6 +73,16 @@ def accumulate(
                 )
             if last:
                 torch.autograd.backward(vec, vec_leaf.grad)
+        total = total + loss.detach()
+    return total
+
+
+def _plain(inputs, loss_fn, grad_sync, backward) -> Tensor:
+    total = torch.zeros((), device=inputs[0].img.device)
+    for i, x in enumerate(inputs):
+        with grad_sync(i == len(inputs) - 1):
+            loss = loss_fn(x, None)
+            backward(loss / len(inputs))
         total = total + loss.detach()
     return total
 

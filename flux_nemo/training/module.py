@@ -189,6 +189,7 @@ class FluxTrainingModule(pl.LightningModule):
             lambda x, conditioning: fm.mse_loss(self.predict(x, conditioning), x.target),
             grad_sync=lambda last: strategy.grad_sync(enabled=last),
             backward=self.manual_backward,
+            once_per_step=self.cfg.train.modulations_once_per_step,
         )
         strategy.finish_grad_sync()
         return total / len(chunks)

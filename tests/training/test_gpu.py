@@ -132,23 +132,32 @@ def test_bf16_adam_moments_train_like_fp32_ones_and_resume(tiny_data, tmp_path):
 
 
 @pytest.mark.parametrize("grad_reduce_in_fp32", [True, False], ids=["fp32-grads", "bf16-grads"])
-def test_gradient_accumulation_fusion_trains_like_autograd_accumulation(
-    tiny_data, tmp_path, grad_reduce_in_fp32
-):
-    """``parallel.gradient_accumulation_fusion``: TE's linears and our own (``flux_nemo.model.main_grad``: adaLN
-    modulations, embedders, final layer) add their weight gradients straight into Megatron DDP's ``main_grad`` over
-    the 2 micro-batches of each step. The run follows the one where autograd writes ``.grad`` and DDP's hook adds
-    it: same losses, and every trained weight (the modulations included: a dropped or doubled gradient would move
-    them differently) within bf16 rounding of the other run's."""
+@pytest.mark.parametrize(
+    "key",
+    ["parallel.gradient_accumulation_fusion", "train.modulations_once_per_step"],
+    ids=["fusion", "once"],
+)
+def test_gradient_paths_train_like_the_plain_one(tiny_data, tmp_path, key, grad_reduce_in_fp32):
+    """Two ways of producing the same gradients over the 2 micro-batches of each step, each against the plain one:
+
+    * ``parallel.gradient_accumulation_fusion``: TE's linears and our own (``flux_nemo.model.main_grad``: adaLN
+      modulations, embedders, final layer) add their weight gradients straight into Megatron DDP's ``main_grad``,
+      instead of autograd writing ``.grad`` and DDP's hook adding it;
+    * ``train.modulations_once_per_step``: the adaLN modulations once for both micro-batches, their backward in
+      hooks inside the last micro-batch's backward, under DDP's overlapped reduction
+      (``flux_nemo.training.micro_batches``), instead of in each micro-batch's forward.
+
+    Same losses, and every trained weight (the modulations included: a dropped or doubled gradient would move them
+    differently) within bf16 rounding of the plain run's."""
     pytest.importorskip("transformer_engine")
 
-    def run(name, fusion):
+    def run(name, value):
         prepared = prepare(
             compose_cfg(
                 *GPU[:-1],
                 "model.backend=te",
                 *tiny_data,
-                f"parallel.gradient_accumulation_fusion={fusion}",
+                f"{key}={value}",
                 f"precision.grad_reduce_in_fp32={grad_reduce_in_fp32}",
                 f"mlperf.log_file={tmp_path}/{name}.txt",
                 f"exp_manager.exp_dir={tmp_path}/{name}",
@@ -159,11 +168,11 @@ def test_gradient_accumulation_fusion_trains_like_autograd_accumulation(
         return train_losses(prepared.module.cfg.mlperf.log_file), weights
 
     plain_losses, plain = run("plain", "false")
-    fused_losses, fused = run("fused", "true")
-    print(f"plain {plain_losses}\nfused {fused_losses}")
-    assert sorted(fused_losses) == sorted(plain_losses) == [1, 2, 3, 4, 5, 6]
-    assert fused_losses == pytest.approx(plain_losses, rel=1e-3)
-    errors = {n: ((fused[n] - w).norm() / w.norm().clamp_min(1e-12)).item() for n, w in plain.items()}
+    other_losses, other = run("other", "true")
+    print(f"{key}=false {plain_losses}\n{key}=true {other_losses}")
+    assert sorted(other_losses) == sorted(plain_losses) == [1, 2, 3, 4, 5, 6]
+    assert other_losses == pytest.approx(plain_losses, rel=1e-3)
+    errors = {n: ((other[n] - w).norm() / w.norm().clamp_min(1e-12)).item() for n, w in plain.items()}
     worst = sorted(errors.items(), key=lambda kv: -kv[1])[:3]
     print(f"worst relative weight differences {worst}")
     assert any(".img_mod.linear.weight" in n for n in errors)

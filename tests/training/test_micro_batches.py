@@ -3,6 +3,7 @@ the gradients of the plain micro-batch loop, and their backward runs inside the 
 
 import contextlib
 
+import pytest
 import torch
 from flux_testing import make_inputs, randomize_
 
@@ -65,9 +66,11 @@ def test_gradients_equal_the_plain_micro_batch_loop(megatron_world):
     assert plain["double_blocks.0.img_mod.linear.weight"].abs().sum() > 0  # the modulations do get gradients
 
 
-def test_the_modulations_backward_runs_inside_the_last_sync_context(megatron_world):
+@pytest.mark.parametrize("once_per_step", [True, False])
+def test_the_modulations_backward_runs_inside_the_last_sync_context(megatron_world, once_per_step):
     """Megatron DDP reduces the gradients when the last micro-batch's context says so: every modulation gradient
-    must exist by the end of that context, and none before it. The modulation runs once for the three."""
+    must exist by the end of that context, and (once per step) none before it. Once per step the modulation runs
+    once for the three micro-batches; with ``train.modulations_once_per_step=false``, once in each."""
     model, config = tiny_flux()
     inputs = micro_batches(config, [2, 2, 2])
     modulation = model.double_blocks[1].txt_mod
@@ -80,9 +83,13 @@ def test_the_modulations_backward_runs_inside_the_last_sync_context(megatron_wor
         yield
         seen.append((last, weight.grad is not None))
 
-    accumulate(model, inputs, loss_of(model), grad_sync)
-    assert seen == [(False, False), (False, False), (True, True)]
-    assert calls == [6]  # one forward, over the 6 samples of the 3 micro-batches
+    accumulate(model, inputs, loss_of(model), grad_sync, once_per_step=once_per_step)
+    if once_per_step:
+        assert seen == [(False, False), (False, False), (True, True)]
+        assert calls == [6]  # one forward, over the 6 samples of the 3 micro-batches
+    else:
+        assert seen == [(False, True), (False, True), (True, True)]
+        assert calls == [2, 2, 2]
 
 
 def test_network_unwraps_a_ddp_style_module():
