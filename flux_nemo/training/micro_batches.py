@@ -36,7 +36,7 @@ def network(model: torch.nn.Module) -> torch.nn.Module:
 def accumulate(
     model: torch.nn.Module,
     inputs: Sequence[ModelInputs],
-    loss_fn: Callable[[ModelInputs, Conditioning], Tensor],
+    loss_fn: Callable[[ModelInputs, Conditioning | None], Tensor],
     grad_sync: Callable[[bool], contextlib.AbstractContextManager] = lambda last: contextlib.nullcontext(),
     backward: Callable[[Tensor], None] = Tensor.backward,
     once_per_step: bool = True,
@@ -78,6 +78,7 @@ def accumulate(
 
 
 def _plain(inputs, loss_fn, grad_sync, backward) -> Tensor:
+    """The micro-batch loop without precomputed modulations (``once_per_step=False``)."""
     total = torch.zeros((), device=inputs[0].img.device)
     for i, x in enumerate(inputs):
         with grad_sync(i == len(inputs) - 1):
@@ -104,8 +105,10 @@ def _backward_when_ready(conditioning: Conditioning, rows: list[Conditioning]) -
             remaining[0] -= 1
             if remaining[0]:
                 return
-            grads = [torch.cat([r.groups()[index][k].grad for r in rows]) for k in range(len(groups[index]))]
-            torch.autograd.backward(groups[index], grads)
+            parts = [[r.groups()[index][k].grad for r in rows] for k in range(len(groups[index]))]
+            if any(g is None for p in parts for g in p):
+                raise RuntimeError(f"adaLN modulation {index}: a micro-batch's loss gave it no gradient")
+            torch.autograd.backward(groups[index], [torch.cat(p) for p in parts])
             pending.discard(index)
 
         for leaf in leaves:

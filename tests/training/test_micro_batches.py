@@ -120,3 +120,14 @@ def test_each_modulation_backpropagates_as_the_last_backward_passes_its_block(me
         "double_blocks.0.txt_mlp.linear_fc1.weight"
     )
     assert last_arrival("time_in.out_layer.weight") > max(last_arrival(n) for n in modulations)
+
+
+def test_a_modulation_the_loss_does_not_use_is_an_error(megatron_world):
+    """A modulation whose rows get no gradient would leave its weights without one: refused, not skipped."""
+    model, config = tiny_flux()
+
+    def loss_fn(x, conditioning):
+        return sum(t.sum() for t in conditioning.tensors()[:-1])  # not the final layer's
+
+    with pytest.raises(RuntimeError, match="1 adaLN modulation.s. got no gradient"):
+        accumulate(model, micro_batches(config, [2, 2]), loss_fn)
