@@ -26,11 +26,7 @@ from torch import Tensor
 
 from flux_nemo.flow_matching import ModelInputs
 from flux_nemo.model import Conditioning
-
-
-def network(model: torch.nn.Module) -> torch.nn.Module:
-    """The Flux module inside a Megatron DDP wrapper (``.module``), or ``model`` itself."""
-    return getattr(model, "module", model)
+from flux_nemo.training.checkpoint import unwrap
 
 
 def accumulate(
@@ -44,7 +40,7 @@ def accumulate(
     """Forward + backward of each micro-batch in ``inputs``, each loss divided by the number of micro-batches;
     returns the sum of the (undivided) losses, detached.
 
-    ``model`` is Flux or its Megatron DDP wrapper; ``loss_fn(x, conditioning)`` is a micro-batch's loss, its
+    ``model`` is Flux or Flux inside Megatron's DDP / ``Float16Module`` wrappers; ``loss_fn(x, conditioning)`` is a micro-batch's loss, its
     prediction from ``model(..., conditioning=conditioning)``. ``grad_sync(last)`` is the context of a micro-batch
     (gradient reduction only on the last); every modulation gradient is produced inside the last one. ``backward``
     is how a loss is backpropagated (Lightning's ``manual_backward``). ``once_per_step=False`` is the plain loop
@@ -52,7 +48,7 @@ def accumulate(
     """
     if not once_per_step:
         return _plain(inputs, loss_fn, grad_sync, backward)
-    flux = network(model)
+    flux = unwrap(model)
     vec = flux.conditioning_vector(torch.cat([x.timesteps for x in inputs]), torch.cat([x.y for x in inputs]))
     vec_leaf = vec.detach().requires_grad_()
     conditioning = flux.modulations(vec_leaf)  # [batch, n*h] each

@@ -9,7 +9,7 @@ from flux_testing import make_inputs, randomize_
 
 from flux_nemo.flow_matching import ModelInputs
 from flux_nemo.model import FluxConfig, build_flux
-from flux_nemo.training.micro_batches import accumulate, network
+from flux_nemo.training.micro_batches import accumulate
 
 
 def tiny_flux():
@@ -92,11 +92,28 @@ def test_the_modulations_backward_runs_inside_the_last_sync_context(megatron_wor
         assert calls == [2, 2, 2]
 
 
-def test_network_unwraps_a_ddp_style_module():
-    inner = torch.nn.Linear(2, 2)
-    wrapper = torch.nn.Module()
-    wrapper.module = inner
-    assert network(wrapper) is inner and network(inner) is inner
+class _Wrapper(torch.nn.Module):
+    """Stands in for Megatron's DDP and ``Float16Module``: the network is ``.module``, calls pass through."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def test_the_network_is_found_inside_nested_wrappers(megatron_world):
+    """On GPU the model is DDP(Float16Module(Flux)): the modulations are computed by the Flux inside both."""
+    model, config = tiny_flux()
+    inputs = micro_batches(config, [2, 2])
+    accumulate(model, inputs, loss_of(model))
+    plain = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    wrapped = _Wrapper(_Wrapper(model))
+    accumulate(wrapped, inputs, loss_of(wrapped))
+    for name, grad in plain.items():
+        torch.testing.assert_close(model.get_parameter(name).grad, grad, rtol=1e-12, atol=0, msg=name)
 
 
 def test_each_modulation_backpropagates_as_the_last_backward_passes_its_block(megatron_world):
