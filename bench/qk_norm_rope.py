@@ -20,17 +20,12 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flux_nemo.model.fusions import qkv_norm_rope  # noqa: E402
+from flux_nemo.model.fusions import qkv_norm_rope, rms_norm  # noqa: E402
 
 EPS = torch.finfo(torch.float32).eps
-
-
-def _norm(t, weight):
-    return F.rms_norm(t.float(), (t.shape[-1],), weight.float(), EPS).to(t.dtype)
 
 
 def _pairs(t, cos, sin):
@@ -51,7 +46,11 @@ def _variant(rotate):
     def op(mixed, bias, q_weight, k_weight, cos, sin):
         mixed = mixed + bias.view(mixed.shape[-2:])
         q, k, v = mixed.chunk(3, dim=-1)
-        return rotate(_norm(q, q_weight), cos, sin), rotate(_norm(k, k_weight), cos, sin), v.contiguous()
+        return (
+            rotate(rms_norm(q, q_weight, EPS), cos, sin),
+            rotate(rms_norm(k, k_weight, EPS), cos, sin),
+            v.contiguous(),
+        )
 
     return op
 
