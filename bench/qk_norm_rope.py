@@ -2,8 +2,8 @@
 each through ``torch.compile``, forward + backward, on one GPU; with the bandwidth bound of the bytes it must move.
 
 Why: in the thirteenth session's H100 trace the op's kernels ran at about a third of the memory bandwidth (single
-block, micro-batch 16: 178 µs forward where reading q, k and writing them takes ~67 µs; ~11 ms per 4-micro-batch step
-at 2 + 4 blocks). The variants differ only in how the RoPE pair rotation is written:
+block, micro-batch 16: 178 µs forward, where reading and writing q and k would take ~67 µs at the H100's nominal
+3.35 TB/s, computed, not measured; ~11 ms per 4-micro-batch step at 2 + 4 blocks). The variants differ only in how the RoPE pair rotation is written:
 
 * ``stack`` (the model's, ``embeddings.rotate_interleaved``): ``stack((-x[1::2], x[0::2]), -1).flatten(-2)``;
 * ``pairs``: the last dim viewed as ``[hn / 2, 2]``, each output pair from the pair's two values and one cos/sin;

@@ -5,7 +5,8 @@ The modulations (``flux_nemo.model.Conditioning``: each block's and the final la
 conditioning vector) depend on a sample's timestep and pooled text only. Computed per micro-batch, as
 ``Flux.forward`` does by itself, their weights (3.2 B of Flux.1's 11.9 B parameters) are read twice and their
 gradients added to ``main_grad`` once per micro-batch, by GEMMs only ``micro_batch_size`` rows deep: weight-bound
-work that does not shrink with the micro-batch (H100, 2 + 4 blocks, 4 micro-batches of 16: ~4 ms per step).
+work that does not shrink with the micro-batch (2 + 4 blocks, 4 micro-batches of 16: ~4 ms per step, an estimate
+read from the kernels of an H100 trace, not a measured saving).
 
 :func:`accumulate` computes them once for the step's batch and gives each micro-batch its rows as leaf tensors. In
 the last micro-batch's backward, as soon as a module's leaves have their gradients (the backward has passed that
